@@ -1,0 +1,66 @@
+"""Self-attention over the joint sequence with shared or per-modality projections.
+
+Computed with :func:`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels
+where available). Query, key and value projections are fused into one ``qkv`` Linear per expert;
+torchscale's separate ``q_proj/k_proj/v_proj`` are concatenated on import (exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdm.models.layers.multiway import maybe_multiway, route
+
+
+class MultiwayAttention(nn.Module):
+    """Multi-head self-attention.
+
+    Args:
+        dim: model width D.
+        num_heads: heads H (D must be divisible by H).
+        multiway: per-modality ``qkv``/``out_proj``/``inner_norm`` (BEiT-3) instead of shared (VLMo).
+        qkv_bias: bias on the fused qkv projection.
+        subln: Sub-LN, a LayerNorm on the attention output before ``out_proj`` (Magneto).
+        norm_eps: epsilon of that LayerNorm.
+        attn_drop: dropout on attention probabilities (training only).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        multiway: bool,
+        qkv_bias: bool = True,
+        subln: bool = False,
+        norm_eps: float = 1e-5,
+        attn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.qkv = maybe_multiway(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), multiway)
+        self.inner_norm = (
+            maybe_multiway(lambda: nn.LayerNorm(dim, eps=norm_eps), multiway) if subln else None
+        )
+        self.out_proj = maybe_multiway(lambda: nn.Linear(dim, dim), multiway)
+
+    def forward(self, x: torch.Tensor, n_vision: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attends over all N tokens.
+
+        Args:
+            x: (B, N, D) normalised input.
+            n_vision: routing (see :mod:`mdm.models.layers.multiway`).
+            mask: boolean, broadcastable to (B, H, N, N); True where attention is allowed.
+        """
+        B, N, D = x.shape
+        qkv = route(self.qkv, x, n_vision)  # (B, N, 3D)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, hd)
+        drop = self.attn_drop if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, H, N, hd)
+        o = o.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        if self.inner_norm is not None:
+            o = route(self.inner_norm, o, n_vision)
+        return route(self.out_proj, o, n_vision)
