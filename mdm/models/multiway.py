@@ -77,7 +77,7 @@ class MultiwayTransformer(nn.Module):
         # fairseq layout: row 0-1 unused, row 2 = [CLS], rows 3.. = patches in raster order.
         self.vision_pos_embed = nn.Embedding(cfg.num_patches + 1 + POS_OFFSET, D)
         self.text_pos_embed = nn.Embedding(cfg.max_text_positions, D)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [0.0]
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         first_vl = cfg.depth - cfg.vl_ffn_layers
         self.layers = nn.ModuleList(
             MultiwayBlock(cfg, rates[i], with_vl_ffn=i >= first_vl) for i in range(cfg.depth)

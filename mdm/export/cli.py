@@ -1,0 +1,45 @@
+"""``mdm import unilm <checkpoint.pth> <out_dir>``: torchscale/unilm BEiT-3 → mdm model directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdm import", description="Import a checkpoint from another toolkit.")
+    sub = p.add_subparsers(dest="source", required=True)
+    u = sub.add_parser(
+        "unilm",
+        help="torchscale/unilm BEiT-3 checkpoint (.pth)",
+        description="Convert a torchscale/unilm BEiT-3 checkpoint ({'model': ...} or a bare state dict, "
+        "keys with or without 'beit3.') into an mdm model directory (model.safetensors + config.json). "
+        "The file is read with torch.load(weights_only=True): no code in it runs.",
+    )
+    u.add_argument("checkpoint", help="the .pth file")
+    u.add_argument("out_dir", help="directory to write")
+    u.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-standard widths")
+    u.add_argument("--img-size", type=int, default=None, help="resize position embeddings to this resolution")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from mdm.export.unilm import import_unilm
+
+    try:
+        out, rest = import_unilm(args.checkpoint, args.out_dir, num_heads=args.num_heads, img_size=args.img_size)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mdm import: {e}", file=sys.stderr)
+        return 1
+    from mdm.models import read_model_config
+
+    cfg, _ = read_model_config(out)
+    print(
+        f"wrote {out} ({cfg.arch}: depth {cfg.depth}, width {cfg.embed_dim}, {cfg.img_size}px"
+        f"{f', {len(rest)} head tensors kept in heads.safetensors' if rest else ''})"
+    )
+    return 0
