@@ -1,0 +1,160 @@
+"""DeepSpeed ZeRO stages 0–3 behind the :class:`~mdm.distributed.strategy.Strategy` interface.
+
+The DeepSpeed JSON is generated from the typed :class:`DistributedConfig` and the training config —
+never hand-written — so batch sizes, clipping and precision cannot disagree with the rest of the run.
+The optimizer is mdm's own ``torch.optim.AdamW`` passed as a client optimizer (no compiled DeepSpeed
+ops are needed, which keeps CPU runs working). Frozen modules (the visual tokenizer) are never given
+to DeepSpeed, so ZeRO-3 does not partition them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from mdm.distributed.strategy import DistributedConfig, Strategy, init_process_group
+
+log = logging.getLogger(__name__)
+
+DS_TAG = "deepspeed"
+
+
+def deepspeed_config(
+    cfg: DistributedConfig, micro_batch: int, grad_accum: int, world_size: int, clip_grad: float, cpu: bool
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for a run.
+
+    Args:
+        cfg: distributed settings (ZeRO stage, precision, buckets).
+        micro_batch: samples per process per micro-step (of the largest stream).
+        grad_accum: micro-steps per optimizer step.
+        world_size: number of processes.
+        clip_grad: max gradient norm (0 = off).
+        cpu: running on CPU, where only fp32 is used.
+    """
+    zero: dict[str, Any] = {
+        "stage": cfg.zero_stage,
+        "reduce_bucket_size": cfg.reduce_bucket_size,
+        "allgather_bucket_size": cfg.reduce_bucket_size,
+        "overlap_comm": not cpu,
+        "contiguous_gradients": True,
+    }
+    if cfg.zero_stage == 3:
+        zero.update(
+            stage3_param_persistence_threshold=10_000,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    if cfg.offload_optimizer and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not cpu}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": clip_grad if clip_grad > 0 else 0.0,
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    precision = "fp32" if cpu else cfg.precision
+    if precision == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": cfg.initial_scale_power,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    elif precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    ds.update(cfg.extra_deepspeed)
+    return ds
+
+
+class DeepSpeedStrategy(Strategy):
+    """Runs the model through ``deepspeed.initialize``."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: DistributedConfig) -> None:
+        super().__init__(cfg)
+        self.engine = None
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        import deepspeed
+
+        init_process_group(self.cfg, self.device)
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else "nccl")
+        ds_cfg = deepspeed_config(
+            self.cfg, self.micro_batch, self.grad_accum, self.world_size, self.clip_grad, self.device.type == "cpu"
+        )
+        self.ds_config = ds_cfg
+        engine, ds_opt, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=ds_cfg)
+        self.engine = engine
+        self.model = engine
+        self.optimizer = ds_opt
+        self._raw = engine.module
+        return engine
+
+    @property
+    def module(self) -> nn.Module:
+        return self._raw
+
+    def autocast(self):
+        # DeepSpeed casts the model itself for fp16/bf16; inputs are cast by the trainer.
+        return torch.autocast(self.device.type, enabled=False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def clip_and_step(self, max_norm: float) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag=DS_TAG)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=DS_TAG)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (tag {DS_TAG!r})")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Gathers ZeRO-3 partitions (every rank must call this); other stages hold full weights."""
+        if self.cfg.zero_stage < 3:
+            return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[name] = p.detach().float().cpu().clone()
+        for name, b in self.module.named_buffers():
+            out[name] = b.detach().cpu().clone()
+        return out
+
+
+def consolidate_zero_checkpoint(checkpoint_dir: str) -> dict[str, torch.Tensor]:
+    """fp32 state dict from a (ZeRO-2/3) DeepSpeed checkpoint directory written by mdm, in one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not os.path.isdir(os.path.join(checkpoint_dir, DS_TAG)):
+        raise FileNotFoundError(f"{checkpoint_dir}: not a DeepSpeed checkpoint written by mdm (no {DS_TAG}/)")
+    sd = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+    return {k: v.float() for k, v in sd.items()}
