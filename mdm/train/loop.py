@@ -244,8 +244,12 @@ class Trainer:
         return last
 
     def _log(self, window, n, dt, samples, flops, lr, grad_norm) -> dict[str, float]:
-        row = {k: v / max(n, 1) for k, v in window.items()}
         world = self.strategy.world_size
+        row = {k: v / max(n, 1) for k, v in window.items()}
+        if world > 1 and row:  # average the logged losses/accuracies over ranks
+            keys = sorted(row)
+            t = self.strategy.all_reduce_sum(torch.tensor([row[k] for k in keys], device=self.strategy.device))
+            row = {k: float(v) / world for k, v in zip(keys, t.tolist())}
         row.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples * world / max(dt, 1e-9),
                    skipped_steps=self.bad_total)
         if flops and self.peak_tflops:
