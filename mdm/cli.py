@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mdm.demo", "run the whole pipeline on the embedded demo data and write a report"),
     "import": ("mdm.export.cli", "import a checkpoint from another toolkit (unilm/torchscale BEiT-3)"),
     "info": ("mdm.models.cli", "list model presets, or describe one (parameters per expert)"),
+    "checkpoint": ("mdm.train.consolidate", "consolidate a (ZeRO-sharded) training checkpoint into a model directory"),
 }
 
 
