@@ -1,0 +1,44 @@
+"""Pretraining objectives: MIM, MLM, MVLM (BEiT-3's masked data modeling), BEiT v2's [CLS] head, MAE.
+
+>>> from mdm.models.config import make_config
+>>> from mdm.objectives import ObjectivesConfig, build_pretrain_model
+>>> model = build_pretrain_model(make_config("vlmo_tiny", depth=2), ObjectivesConfig(codebook_size=64))
+>>> sorted(model.objectives)
+['mim', 'mlm', 'mvlm']
+
+See ``docs/objectives.md`` for the batch keys, the returned entries and the design.
+"""
+
+from __future__ import annotations
+
+from mdm.objectives.base import STREAMS, Objective, masked_cross_entropy
+from mdm.objectives.cls_pt import ClsMaskedImageModeling
+from mdm.objectives.config import ObjectivesConfig
+from mdm.objectives.heads import MIMHead, MLMHead, VisionBlock
+from mdm.objectives.mae import MAEDecoder, MaskedAutoencoder, normalize_patches, patchify
+from mdm.objectives.masked import MaskedImageModeling, MaskedLanguageModeling, MaskedVisionLanguageModeling
+from mdm.objectives.model import OBJECTIVES, PretrainModel, build_pretrain_model
+from mdm.objectives.tokens import VisualTokenizer, fill_visual_tokens
+
+__all__ = [
+    "OBJECTIVES",
+    "STREAMS",
+    "ClsMaskedImageModeling",
+    "MAEDecoder",
+    "MIMHead",
+    "MLMHead",
+    "MaskedAutoencoder",
+    "MaskedImageModeling",
+    "MaskedLanguageModeling",
+    "MaskedVisionLanguageModeling",
+    "Objective",
+    "ObjectivesConfig",
+    "PretrainModel",
+    "VisionBlock",
+    "VisualTokenizer",
+    "build_pretrain_model",
+    "fill_visual_tokens",
+    "masked_cross_entropy",
+    "normalize_patches",
+    "patchify",
+]

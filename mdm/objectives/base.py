@@ -1,0 +1,118 @@
+"""What every pretraining objective shares: the :class:`Objective` interface, masked cross-entropy and
+batch checks.
+
+An objective is an ``nn.Module`` whose ``forward(backbone, batch)`` runs the backbone on one batch of one
+stream kind (``"image"``, ``"text"`` or ``"pair"``, see ``docs/ARCHITECTURE.md``) and returns a dict of
+scalar tensors ``{"<name>_loss", "<name>_acc", "<name>_count", ...}``. Cross-entropy is taken over the
+masked positions only, as in BEiT (Bao et al., 2022) and BERT (Devlin et al., 2019); the masked rows are
+gathered *before* the output projection so the vocabulary-sized matmul runs on (M, D), not (B, N, D).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: The stream kinds a pretraining step may carry, one batch each.
+STREAMS = ("image", "text", "pair")
+
+
+class Objective(nn.Module):
+    """Base class of pretraining objectives.
+
+    Subclasses set ``name`` (the prefix of the returned keys) and ``stream`` (which batch they consume)
+    and implement ``forward(backbone, batch) -> dict[str, Tensor]``. Heads that several objectives share
+    (the MIM and MLM heads) are held *by reference* with :meth:`share` and are registered once, by
+    :class:`mdm.objectives.PretrainModel`; parameters an objective alone uses (BEiT v2's extra layers,
+    the MAE decoder) are ordinary submodules.
+    """
+
+    name: ClassVar[str] = ""
+    stream: ClassVar[str] = ""
+
+    def share(self, attr: str, module: nn.Module) -> None:
+        """Stores ``module`` as ``self.<attr>`` without registering it as a submodule.
+
+        Its parameters therefore appear once in the enclosing model's ``state_dict`` (under the owner's
+        name), not once per objective that uses it. The owner must move it (``.to``) and switch its
+        train/eval mode; :class:`PretrainModel` does.
+        """
+        object.__setattr__(self, attr, module)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters exempt from weight decay."""
+        return set()
+
+    def forward(self, backbone: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def masked_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy, accuracy and count over already-gathered masked positions.
+
+    Args:
+        logits: (M, V) scores of the M masked positions.
+        labels: (M,) targets.
+
+    Returns:
+        ``(loss, acc, count)``: ``loss`` keeps the graph (and is an exact 0 connected to the head when
+        ``M == 0``, so every head parameter still receives a gradient); ``acc`` and ``count`` are
+        detached float scalars.
+    """
+    count = labels.numel()
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / max(count, 1)
+    with torch.no_grad():
+        correct = (logits.argmax(dim=-1) == labels).sum().float()
+        acc = correct / max(count, 1)
+    return loss, acc, torch.tensor(float(count), device=logits.device)
+
+
+def entries(name: str, loss: torch.Tensor, acc: torch.Tensor, count: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"<name>_loss", "<name>_acc", "<name>_count"}``."""
+    return {f"{name}_loss": loss, f"{name}_acc": acc, f"{name}_count": count}
+
+
+def require(batch: Mapping[str, Any], keys: tuple[str, ...], who: str) -> list[torch.Tensor]:
+    """The tensors ``batch[k]`` for ``k`` in ``keys``; a missing key raises ``KeyError`` naming the
+    objective and the keys the batch does have."""
+    missing = [k for k in keys if batch.get(k) is None]
+    if missing:
+        hint = ""
+        if "image_tokens" in missing:
+            hint = (
+                "; visual tokens come from the shards or from mdm.objectives.fill_visual_tokens "
+                "(the frozen tokenizer) before the model is called"
+            )
+        raise KeyError(f"{who}: batch lacks {missing} (it has {sorted(batch)}){hint}")
+    return [batch[k] for k in keys]
+
+
+def check_shape(t: torch.Tensor, shape: tuple[int, ...], key: str, who: str) -> None:
+    """Raises ``ValueError`` naming ``key`` when ``t.shape != shape``."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{who}: batch[{key!r}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def check_image_batch(
+    image: torch.Tensor,
+    image_mask: torch.Tensor,
+    image_tokens: torch.Tensor | None,
+    patch_size: int,
+    who: str,
+) -> int:
+    """Checks that mask and visual codes match the image's patch grid; returns the patch count P."""
+    B, _, H, W = image.shape
+    P = (H // patch_size) * (W // patch_size)
+    check_shape(image_mask, (B, P), "image_mask", who)
+    if image_mask.dtype != torch.bool:
+        raise ValueError(f"{who}: batch['image_mask'] must be bool, got {image_mask.dtype}")
+    if image_tokens is not None:
+        check_shape(image_tokens, (B, P), "image_tokens", who)
+    return P

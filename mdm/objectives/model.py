@@ -1,0 +1,221 @@
+"""The pretraining model: backbone + shared heads + objectives, one batch per stream kind.
+
+``PretrainModel(batches)`` runs every objective whose stream (``"image"``, ``"text"``, ``"pair"``) is in
+``batches`` and returns all their entries plus ``"loss" = Σ weight[objective] · (each *_loss it
+returned)``. The visual tokenizer is not part of it: the engine keeps the tokenizer frozen, outside the
+optimizer and outside ZeRO, and fills ``image_tokens`` first (:func:`mdm.objectives.fill_visual_tokens`).
+
+Parameter names: ``backbone.*`` (exported), ``heads.mim.*`` / ``heads.mlm.*`` (shared by MIM, MVLM and
+the [CLS] head), ``objectives.<name>.*`` (objective-private machinery: BEiT v2's extra blocks, the MAE
+decoder). Only ``backbone.*`` survives pretraining (:meth:`PretrainModel.pretrained_backbone_state_dict`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mdm.models import MultiwayTransformer, build_model
+from mdm.models.config import ModelConfig
+from mdm.objectives.base import STREAMS, Objective
+from mdm.objectives.cls_pt import ClsMaskedImageModeling
+from mdm.objectives.config import ObjectivesConfig
+from mdm.objectives.heads import MIMHead, MLMHead
+from mdm.objectives.mae import MaskedAutoencoder
+from mdm.objectives.masked import MaskedImageModeling, MaskedLanguageModeling, MaskedVisionLanguageModeling
+from mdm.registry import Registry
+
+#: Objective name → ``builder(model_cfg, obj_cfg, heads) -> Objective``; builders create the shared
+#: heads they need in ``heads`` (a dict the PretrainModel then owns).
+OBJECTIVES: Registry[Callable[[ModelConfig, ObjectivesConfig, dict[str, nn.Module]], Objective]] = Registry(
+    "objective"
+)
+
+#: group_matcher group of everything after the backbone (heads, objective machinery).
+LAST_GROUP = (99999,)
+
+
+def _mim_head(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> MIMHead:
+    return heads.setdefault("mim", MIMHead(cfg.embed_dim, obj.codebook_size))  # type: ignore[return-value]
+
+
+def _mlm_head(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> MLMHead:
+    if "mlm" not in heads:
+        heads["mlm"] = MLMHead(cfg.embed_dim, cfg.vocab_size, obj.mlm_tie_embedding, obj.mlm_norm_eps)
+    return heads["mlm"]  # type: ignore[return-value]
+
+
+@OBJECTIVES.register("mim")
+def _build_mim(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    return MaskedImageModeling(_mim_head(cfg, obj, heads))
+
+
+@OBJECTIVES.register("cls_mim")
+def _build_cls_mim(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    return ClsMaskedImageModeling(
+        cfg,
+        _mim_head(cfg, obj, heads),
+        early_layer=obj.cls_pt_early_layer,
+        head_layers=obj.cls_pt_layers,
+        shared_head=obj.cls_pt_shared_head,
+        codebook_size=obj.codebook_size,
+    )
+
+
+@OBJECTIVES.register("mlm")
+def _build_mlm(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    return MaskedLanguageModeling(_mlm_head(cfg, obj, heads))
+
+
+@OBJECTIVES.register("mvlm")
+def _build_mvlm(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    return MaskedVisionLanguageModeling(_mim_head(cfg, obj, heads), _mlm_head(cfg, obj, heads))
+
+
+@OBJECTIVES.register("mae")
+def _build_mae(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    return MaskedAutoencoder(
+        cfg,
+        obj.mae_decoder_dim,
+        obj.mae_decoder_depth,
+        obj.mae_decoder_heads,
+        obj.mae_mask_ratio,
+        obj.mae_norm_pix_loss,
+    )
+
+
+def _prefix_pattern(pattern: str, prefix: str) -> str:
+    """``^layers\\.(\\d+)`` → ``^backbone\\.layers\\.(\\d+)``."""
+    body = pattern[1:] if pattern.startswith("^") else pattern
+    return "^" + re.escape(prefix) + body
+
+
+class PretrainModel(nn.Module):
+    """Backbone, shared heads and objectives with their weights.
+
+    Args:
+        backbone: the Multiway Transformer that is pretrained (and exported).
+        heads: heads shared between objectives (``"mim"``, ``"mlm"``), owned here.
+        objectives: the objectives, each with a distinct ``name``.
+        weights: ``name → weight`` (missing names weigh 1.0).
+    """
+
+    def __init__(
+        self,
+        backbone: MultiwayTransformer,
+        heads: Mapping[str, nn.Module],
+        objectives: Iterable[Objective],
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(dict(heads))
+        self.objectives = nn.ModuleDict()
+        for objective in objectives:
+            if objective.name in self.objectives:
+                raise ValueError(f"two objectives are named {objective.name!r}")
+            if objective.stream not in STREAMS:
+                raise ValueError(f"objective {objective.name!r} reads unknown stream {objective.stream!r}")
+            self.objectives[objective.name] = objective
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in self.objectives}
+
+    def streams(self) -> set[str]:
+        """The stream kinds some objective consumes."""
+        return {o.stream for o in self.objectives.values()}
+
+    def forward(self, batches: Mapping[str, Mapping[str, Any] | None]) -> dict[str, torch.Tensor]:
+        """Runs the objectives on their streams.
+
+        Args:
+            batches: ``{"image": batch, "text": batch, "pair": batch}``; absent (or None) streams are
+                skipped, together with the objectives that read them.
+
+        Returns:
+            every objective's entries and ``"loss"``, the weighted sum of the ``*_loss`` entries.
+        """
+        unknown = set(batches) - set(STREAMS)
+        if unknown:
+            raise KeyError(f"PretrainModel: unknown stream(s) {sorted(unknown)}; streams are {list(STREAMS)}")
+        out: dict[str, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+        for name, objective in self.objectives.items():
+            batch = batches.get(objective.stream)
+            if batch is None:
+                continue
+            for key, value in objective(self.backbone, batch).items():
+                if key in out:
+                    raise RuntimeError(
+                        f"objective {name!r} returned {key!r}, which another objective returned"
+                    )
+                out[key] = value
+                if key.endswith("_loss"):
+                    term = self.weights[name] * value
+                    total = term if total is None else total + term
+        if total is None:
+            raise ValueError(
+                f"PretrainModel: none of the given streams {sorted(k for k, v in batches.items() if v is not None)} "
+                f"is read by the objectives {list(self.objectives)} (they read {sorted(self.streams())})"
+            )
+        out["loss"] = total
+        return out
+
+    def pretrained_backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The backbone weights alone, with the backbone's own key names (what gets exported)."""
+        return self.backbone.state_dict()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Backbone exemptions plus each objective's (e.g. the MAE mask token), with full names."""
+        names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        for name, objective in self.objectives.items():
+            names |= {f"objectives.{name}.{n}" for n in objective.no_weight_decay()}
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The backbone's groups under ``backbone.``; heads and objective modules in the last group."""
+        inner = self.backbone.group_matcher(coarse)
+        out: dict[str, Any] = {}
+        for key, spec in inner.items():
+            if isinstance(spec, str):
+                out[key] = _prefix_pattern(spec, "backbone.")
+            else:
+                out[key] = [(_prefix_pattern(p, "backbone."), g) for p, g in spec]
+        blocks = out.get("blocks", [])
+        if isinstance(blocks, str):
+            blocks = [(blocks, None)]
+        out["blocks"] = [*blocks, (r"^(heads|objectives)\.", LAST_GROUP)]
+        return out
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Delegates to the backbone."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.num_layers
+
+
+def build_pretrain_model(
+    model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, backbone: MultiwayTransformer | None = None
+) -> PretrainModel:
+    """Builds the backbone (unless given, e.g. loaded with ``from_pretrained``), heads and objectives.
+
+    Args:
+        model_cfg: the backbone architecture.
+        obj_cfg: the objectives section.
+        backbone: an existing backbone to continue pretraining; its config must equal ``model_cfg``.
+    """
+    obj_cfg.validate()
+    if backbone is None:
+        backbone = build_model(model_cfg)
+    elif backbone.cfg != model_cfg:
+        raise ValueError("build_pretrain_model: the given backbone's config differs from model_cfg")
+    heads: dict[str, nn.Module] = {}
+    objectives = [OBJECTIVES.get(name)(model_cfg, obj_cfg, heads) for name in obj_cfg.objectives]
+    return PretrainModel(backbone, heads, objectives, obj_cfg.weights)
