@@ -1,0 +1,139 @@
+"""Config sections of the fine-tuning recipes: ``task:`` (what to train) and ``data:`` (where and how to read).
+
+Split names: ``train`` / ``val`` / ``test`` resolve to ``data.train_splits`` / ``data.val_split`` /
+``data.test_split``; any other name is read as a split of the published files (``val2014``,
+``test-dev2015``, ``dev``, ``test1``, ``restval``...). Empty fields take the task's defaults (see
+``docs/finetune.md``), which follow unilm/beit3 (BEiT-3, Wang et al. 2023) and ViLT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mdm.distributed.strategy import DistributedConfig
+from mdm.models.config import ModelConfig
+from mdm.train.loop import TrainConfig
+from mdm.train.metrics import LoggingConfig
+from mdm.train.optim import OptimConfig
+
+TaskName = Literal["vqav2", "nlvr2", "retrieval", "classification"]
+
+
+@dataclass
+class TaskDataConfig:
+    """The ``data:`` section: dataset location, splits, text and image processing.
+
+    Attributes:
+        root: dataset directory holding the files exactly as published (see ``docs/finetune.md``).
+        train_splits: published splits used for training (empty = the task's default).
+        val_split: split used for validation during training and by ``mdm evaluate``.
+        test_split: split used by ``mdm predict``.
+        image_size: side of the square network input.
+        max_text_len: text length in tokens including [bos] and [eos].
+        hflip: random horizontal flip in training (unilm flips for VQA too).
+        crop_scale: RandomResizedCrop area range in training.
+        randaug: timm RandAugment in training, with BEiT-3's op list (``randaug_config``).
+        randaug_config: timm RandAugment config string.
+        on_error: ``skip`` malformed records (missing image, unknown question id...), counting and
+            logging them, or ``error``: stop at the first one with a message naming it.
+        num_workers: DataLoader worker processes.
+        answer_min_count: VQA: answers given as ``multiple_choice_answer`` at least this often over
+            train2014+val2014 form the answer vocabulary (9 → 3129 classes on VQAv2).
+        val_holdout_images: VQA: ``val2014:rest`` / ``val2014:trainable`` split val2014 by image into
+            this many held-out images and the rest (ViLT/unilm use 1000).
+        holdout_seed: seed of that image shuffle.
+        karpathy_file: retrieval: ``dataset_coco.json`` or ``dataset_flickr30k.json`` (in ``root``).
+        image_dir: retrieval: image folder under ``root`` (empty: the Karpathy ``filepath`` for COCO,
+            ``flickr30k-images`` for Flickr30k).
+    """
+
+    root: str = ""
+    train_splits: list[str] = field(default_factory=list)
+    val_split: str = ""
+    test_split: str = ""
+    image_size: int = 224
+    max_text_len: int = 64
+    hflip: bool = True
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    randaug: bool = False
+    randaug_config: str = "rand-n2-m7"
+    on_error: Literal["skip", "error"] = "skip"
+    num_workers: int = 2
+    answer_min_count: int = 9
+    val_holdout_images: int = 1000
+    holdout_seed: int = 0
+    karpathy_file: str = "dataset_coco.json"
+    image_dir: str = ""
+
+    def validate(self) -> None:
+        """Raises ValueError on impossible values."""
+        if self.max_text_len < 3:
+            raise ValueError(f"max_text_len must be at least 3 ([bos] text [eos]), got {self.max_text_len}")
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class TaskConfig:
+    """The ``task:`` section: which recipe and its head/loss options.
+
+    Attributes:
+        name: ``vqav2``, ``nlvr2``, ``retrieval`` or ``classification``.
+        num_classes: classification: number of classes (0 = the class folders of the train split).
+        label_smoothing: classification: cross-entropy label smoothing.
+        head_init_scale: NLVR2 / classification: the head's output Linear weights are multiplied by this
+            after init (unilm uses 0.001).
+        logit_scale_init: retrieval: initial temperature 1/τ (stored as its log; CLIP uses 1/0.07).
+        eval_batch_text_chunk: retrieval: images scored against texts in chunks of this many images.
+    """
+
+    name: TaskName = "vqav2"
+    num_classes: int = 0
+    label_smoothing: float = 0.0
+    head_init_scale: float = 0.001
+    logit_scale_init: float = 1.0 / 0.07
+    eval_batch_text_chunk: int = 1024
+
+
+@dataclass
+class FinetuneConfig:
+    """Schema of ``mdm finetune`` (``configs/finetune/*.yaml``).
+
+    Attributes:
+        task: the recipe and its head options.
+        data: dataset location and processing.
+        model: the backbone architecture (``arch`` preset + overrides, e.g. ``img_size: 480``,
+            ``normalize_output: false`` for VQA and classification as unilm).
+        init: ``scratch``, an mdm model directory (``mdm pretrain`` output / ``mdm import``), or a unilm /
+            torchscale BEiT-3 checkpoint file.
+        text_tokenizer: the text tokenizer (SentencePiece model) the backbone was pretrained with;
+            unused by classification.
+        batch_size: micro-batch per process.
+        eval_batch_size: evaluation batch per process.
+        epochs: when > 0, ``train.steps`` = epochs × optimizer steps per epoch.
+        warmup_epochs: when > 0, ``optim.warmup_steps`` = warmup_epochs × optimizer steps per epoch.
+        eval_every: validate every N optimizer steps (0 = only at the end).
+        optim: AdamW, layer-wise lr decay, head lr multiplier (``optim.head_prefixes``), schedule.
+        train: the loop (steps, checkpoints, resume, output directory).
+        distributed: single / DDP / DeepSpeed ZeRO.
+        logging: metric sinks and progress.
+    """
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: str = "scratch"
+    text_tokenizer: str = ""
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    epochs: float = 0.0
+    warmup_epochs: float = 0.0
+    eval_every: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

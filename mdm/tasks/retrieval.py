@@ -1,0 +1,228 @@
+"""Image-text retrieval (COCO / Flickr30k) with a dual encoder, as unilm/beit3 ``BEiT3ForRetrieval``.
+
+Images are encoded alone (vision experts) and texts alone (language experts); ``vision_head`` /
+``language_head`` (Linear(D, D), no bias) project the first token (image [CLS], text [bos]) and the result
+is L2-normalised. Training uses the symmetric InfoNCE loss of CLIP with a learnable temperature
+``logit_scale`` (log(1/0.07) at init, ``exp`` without clamp) and negatives gathered from all ranks
+(:func:`mdm.distributed.ops.all_gather_with_grad`), so the loss equals the one-process loss on the global
+batch.
+
+Recall@k (:func:`retrieval_recalls`) counts ties against the model: a ground truth is retrieved in the
+top k only if fewer than k wrong candidates score **at least** as high as it (for an image, its best
+caption counts). Constant features therefore score zero, not an arbitrary order-dependent value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdm.distributed.ops import all_gather_with_grad
+from mdm.tasks.base import TASKS, Task, TaskModel, gather_records, run_inference, trunc_normal_init
+from mdm.tasks.common import Problems, TextTokenizer, collate
+from mdm.tasks.retrieval_data import (
+    RetrievalEvalDataset,
+    RetrievalTrainDataset,
+    collate_retrieval,
+    read_karpathy,
+)
+
+KS = (1, 5, 10)
+
+
+class ContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE over the global batch: (CE(image→text) + CE(text→image)) / 2.
+
+    Every rank builds the full (N, N) logit matrix from gathered features, so its loss value equals the
+    single-process loss; gradients reach the other ranks' features through the gather.
+    """
+
+    def forward(
+        self, image_feats: torch.Tensor, text_feats: torch.Tensor, scale: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Args: L2-normalised (B, E) features of matching pairs; ``scale`` = exp(logit_scale)."""
+        all_image = all_gather_with_grad(image_feats)  # (N, E)
+        all_text = all_gather_with_grad(text_feats)  # (N, E)
+        logits = scale * all_image @ all_text.t()  # (N, N), row = image
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        with torch.no_grad():
+            acc = (
+                (logits.argmax(1) == labels).float().mean() + (logits.argmax(0) == labels).float().mean()
+            ) * 50.0
+        return {"loss": loss, "retrieval_loss": loss, "retrieval_acc": acc}
+
+
+class RetrievalModel(TaskModel):
+    """Backbone + projections + temperature of a dual-encoder retrieval model.
+
+    Args:
+        backbone: the Multiway Transformer.
+        logit_scale_init: initial 1/τ.
+    """
+
+    HEAD_PREFIXES = ("vision_head.", "language_head.", "logit_scale")
+
+    def __init__(self, backbone: nn.Module, logit_scale_init: float = 1.0 / 0.07) -> None:
+        super().__init__(backbone)
+        D = backbone.cfg.embed_dim
+        self.language_head = nn.Linear(D, D, bias=False)
+        self.vision_head = nn.Linear(D, D, bias=False)
+        trunc_normal_init(self.language_head)
+        trunc_normal_init(self.vision_head)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        self.criterion = ContrastiveLoss()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"logit_scale"}
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, D) unit vectors from the image [CLS]."""
+        return F.normalize(self.vision_head(self.backbone(image=image)[:, 0]), dim=-1)
+
+    def encode_text(self, text: torch.Tensor, text_padding_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) → (B, D) unit vectors from the text [bos]."""
+        x = self.backbone(text=text, text_padding_mask=text_padding_mask)
+        return F.normalize(self.language_head(x[:, 0]), dim=-1)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = self.encode_image(batch["image"]).float()
+        text = self.encode_text(batch["text"], batch["text_padding_mask"]).float()
+        return self.criterion(image, text, self.logit_scale.exp())
+
+    @torch.no_grad()
+    def infer(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {}
+        if "image" in batch:
+            out["image_feats"] = self.encode_image(batch["image"]).float()
+        if "text" in batch:
+            out["text_feats"] = self.encode_text(batch["text"], batch["text_padding_mask"]).float()
+        return out
+
+
+def _gt_ranks(image_feats: torch.Tensor, text_feats: torch.Tensor, text_image: torch.Tensor, chunk: int):
+    """Per image and per text: how many wrong candidates score at least as high as the ground truth."""
+    n_img, n_txt = image_feats.shape[0], text_feats.shape[0]
+    text_gt = torch.full((n_txt,), float("nan"))
+    image_rank = torch.zeros(n_img, dtype=torch.long)
+    text_rank = torch.zeros(n_txt, dtype=torch.long)
+    for pass_ in (0, 1):  # pass 0: ground-truth scores of texts; pass 1: counts
+        for start in range(0, n_img, chunk):
+            idx = torch.arange(start, min(start + chunk, n_img))
+            scores = image_feats[idx] @ text_feats.t()  # (c, Tn), same products in both passes
+            is_gt = text_image[None, :] == idx[:, None]  # (c, Tn)
+            if pass_ == 0:
+                rows, cols = is_gt.nonzero(as_tuple=True)
+                text_gt[cols] = scores[rows, cols]
+                best = scores.masked_fill(~is_gt, float("-inf")).max(1).values  # (c,)
+                image_rank[idx] = ((scores >= best[:, None]) & ~is_gt).sum(1)
+            else:
+                text_rank += ((scores >= text_gt[None, :]) & ~is_gt).sum(0)
+    return image_rank, text_rank
+
+
+def retrieval_recalls(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    text_image: torch.Tensor,
+    ks: Sequence[int] = KS,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Text retrieval (image → texts) and image retrieval (text → images) recall@k ×100 and their mean.
+
+    Args:
+        image_feats: (I, E) image features.
+        text_feats: (T, E) text features.
+        text_image: (T,) index of each text's image.
+        ks: the k of recall@k.
+        chunk: images scored at a time.
+    """
+    has_text = torch.zeros(image_feats.shape[0], dtype=torch.bool)
+    has_text[text_image] = True
+    if not bool(has_text.all()):
+        raise ValueError("every image needs at least one caption")
+    image_rank, text_rank = _gt_ranks(
+        image_feats.float().cpu(), text_feats.float().cpu(), text_image.cpu(), chunk
+    )
+    out = {}
+    for k in ks:
+        out[f"tr_r{k}"] = 100.0 * (image_rank < k).float().mean().item()
+        out[f"ir_r{k}"] = 100.0 * (text_rank < k).float().mean().item()
+    out["r_mean"] = sum(out.values()) / len(out)
+    return out
+
+
+@TASKS.register("retrieval")
+class RetrievalTask(Task):
+    """COCO / Flickr30k retrieval recipe (Karpathy splits)."""
+
+    METRICS = ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean")
+    PRIMARY_METRIC = "r_mean"
+    DEFAULT_SPLITS = {"train_splits": ["train"], "val_split": "val", "test_split": "test"}
+
+    def build_model(self, backbone: nn.Module) -> RetrievalModel:
+        return RetrievalModel(backbone, self.cfg.logit_scale_init)
+
+    def build_dataset(self, split: str, tokenizer: TextTokenizer | None):
+        if tokenizer is None:
+            raise ValueError("retrieval needs a text tokenizer")
+        root = Path(self.data.root)
+        specs = self.resolve_split(split)
+        problems = Problems(
+            f"retrieval {'+'.join(specs)} in {root / self.data.karpathy_file}", self.data.on_error
+        )
+        images = read_karpathy(root, self.data, specs, problems)
+        problems.report()
+        if not images:
+            raise ValueError(
+                f"retrieval split {split!r} ({', '.join(specs)}) under {root} has no usable image"
+            )
+        cls = RetrievalTrainDataset if self.is_train(split) else RetrievalEvalDataset
+        return cls(images, tokenizer, self.data, problems)
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return collate_retrieval(samples) if "entry" in samples[0] else collate(samples)
+
+    def _features(
+        self, model: nn.Module, loader: Iterable[dict[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ds: RetrievalEvalDataset = loader.dataset  # type: ignore[attr-defined]
+        if not isinstance(ds, RetrievalEvalDataset):
+            raise ValueError("retrieval evaluation needs the dataset of an evaluation split (val/test)")
+        rows: list[tuple[Any, torch.Tensor]] = []
+        for batch, out in run_inference(model, loader):
+            if "image_feats" in out:
+                rows += zip((("i", i) for i in batch["image_index"].tolist()), out["image_feats"].cpu())
+            if "text_feats" in out:
+                rows += zip((("t", i) for i in batch["text_index"].tolist()), out["text_feats"].cpu())
+        feats = gather_records(rows)
+        images = torch.stack([feats[("i", i)] for i in range(len(ds.images))])
+        texts = torch.stack([feats[("t", j)] for j in range(len(ds.captions))])
+        return images, texts
+
+    def evaluate(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> dict[str, float]:
+        images, texts = self._features(model, loader)
+        return retrieval_recalls(
+            images, texts, loader.dataset.text_image, chunk=self.cfg.eval_batch_text_chunk
+        )  # type: ignore[attr-defined]
+
+    def predict(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """For every caption, the 10 best images: ``[{"caption", "image", "retrieved": [names]}, ...]``."""
+        images, texts = self._features(model, loader)
+        ds: RetrievalEvalDataset = loader.dataset  # type: ignore[assignment]
+        top = (texts @ images.t()).topk(min(10, len(ds.images)), dim=1).indices  # (T, k)
+        return [
+            {
+                "caption": c,
+                "image": ds.images[int(g)].name,
+                "retrieved": [ds.images[int(i)].name for i in row],
+            }
+            for c, g, row in zip(ds.captions, ds.text_image, top.tolist())
+        ]
