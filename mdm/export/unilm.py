@@ -241,3 +241,145 @@ def import_unilm(
         save_safetensors_atomic(rest, Path(out) / "heads.safetensors")
         log.info("kept %d non-backbone tensors in heads.safetensors: %s", len(rest), sorted(rest)[:6])
     return out, rest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole unilm checkpoints (backbone + task heads) in both directions.
+#
+# unilm's task wrappers (``beit3/modeling_finetune.py``) hold the backbone as ``self.beit3`` and the heads
+# under their own names; mdm's task models hold it as ``self.backbone`` with the *same* head names. So a
+# unilm key is either ``beit3.<torchscale key>`` ↔ ``backbone.<mdm key>``, or a head key, unchanged.
+
+UNILM_PREFIX = "beit3."
+TASK_PREFIX = "backbone."
+
+#: Head parameter prefixes of each unilm/beit3 model variant (``beit3_<size>_patch16_<res>_<suffix>``).
+UNILM_VARIANT_HEADS: dict[str, tuple[str, ...]] = {
+    "vqav2": ("pooler.norm.", "pooler.dense.", "head.0.", "head.1.", "head.3."),
+    "nlvr2": ("head.norm1.", "head.dense1.", "head.norm2.", "head.dense2."),
+    "retrieval": ("language_head.", "vision_head.", "logit_scale"),
+    "imageclassification": ("fc_norm.", "head.weight", "head.bias"),
+    "captioning": ("mlm_head.",),
+}
+
+
+def unilm_variant(heads: Mapping[str, torch.Tensor]) -> str | None:
+    """The unilm model variant whose head names match ``heads`` exactly (``None`` for a bare backbone
+    or unknown heads). ``-itc`` checkpoints carry the retrieval heads."""
+    if not heads:
+        return None
+    for name, prefixes in UNILM_VARIANT_HEADS.items():
+        keys = set(heads)
+        if all(any(k.startswith(p) for k in keys) for p in prefixes) and all(
+            any(k.startswith(p) for p in prefixes) for k in keys
+        ):
+            return name
+    return None
+
+
+def check_unilm_layout(cfg: ModelConfig) -> None:
+    """Raises ValueError, naming every difference, when ``cfg`` is not torchscale's BEiT3 architecture.
+
+    Only the decoupled multiway layout (``beit3_*`` presets) exists in unilm: per-modality attention,
+    Sub-LN, no VL-FFN, no layer scale, qkv bias, LayerNorm eps 1e-5.
+    """
+    wanted = {
+        "shared_attention": False,
+        "vl_ffn_layers": 0,
+        "subln": True,
+        "layer_scale_init": 0.0,
+        "qkv_bias": True,
+        "norm_eps": 1e-5,
+    }
+    bad = [f"{k}={getattr(cfg, k)!r} (unilm needs {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if bad:
+        raise ValueError(
+            f"a {cfg.arch} model cannot be written in the unilm/torchscale BEiT-3 layout: "
+            + ", ".join(bad)
+            + ". Only beit3_* architectures export to unilm; use --format safetensors or timm instead."
+        )
+
+
+def unilm_to_mdm(sd: Mapping[str, torch.Tensor], source: str = "<checkpoint>") -> tuple[dict, dict]:
+    """A unilm state dict → (mdm backbone weights, head tensors with unchanged names)."""
+    backbone, heads = strip_prefix(sd, UNILM_PREFIX)
+    return torchscale_to_mdm(backbone, source), heads
+
+
+def mdm_to_unilm(
+    backbone: Mapping[str, torch.Tensor], heads: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """mdm backbone weights (+ task heads) → a unilm state dict (``beit3.`` prefix, heads unchanged).
+
+    Exact inverse of :func:`unilm_to_mdm`.
+    """
+    out = {UNILM_PREFIX + k: v for k, v in mdm_to_torchscale(backbone).items()}
+    for k, v in (heads or {}).items():
+        if k.startswith(UNILM_PREFIX) or k in out:
+            raise ValueError(f"head tensor {k!r} collides with the backbone's 'beit3.' namespace")
+        out[k] = v
+    return out
+
+
+def unilm_to_task_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<checkpoint>") -> dict:
+    """A unilm state dict → the state dict of the matching mdm task model (``backbone.*`` + heads)."""
+    backbone, heads = unilm_to_mdm(sd, source)
+    return {**{TASK_PREFIX + k: v for k, v in backbone.items()}, **heads}
+
+
+def task_state_dict_to_unilm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An mdm task-model state dict (``backbone.*`` + heads) → a unilm state dict."""
+    backbone = {k[len(TASK_PREFIX) :]: v for k, v in sd.items() if k.startswith(TASK_PREFIX)}
+    heads = {k: v for k, v in sd.items() if not k.startswith(TASK_PREFIX)}
+    return mdm_to_unilm(backbone, heads)
+
+
+def save_unilm_checkpoint(sd: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Writes ``{"model": sd}`` with ``torch.save`` atomically (temporary file, then rename) — the
+    container unilm's ``load_model_and_may_interpolate`` reads."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"model": {k: v.detach().contiguous() for k, v in sd.items()}}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_unilm(
+    cfg: ModelConfig,
+    backbone: Mapping[str, torch.Tensor],
+    heads: Mapping[str, torch.Tensor] | None,
+    out_path: str | Path,
+) -> tuple[Path, str | None]:
+    """Writes an mdm ``beit3_*`` model (and its task heads) as an official unilm/beit3 checkpoint.
+
+    Args:
+        cfg: the backbone config (checked with :func:`check_unilm_layout`).
+        backbone: mdm-named backbone weights.
+        heads: task-head tensors named as in unilm (``head.*``, ``pooler.*``, ``vision_head.*``...).
+        out_path: the ``.pth`` file to write.
+
+    Returns:
+        The file, and the unilm variant the heads belong to (``vqav2``, ``retrieval``...; None for a
+        bare backbone or unrecognised heads), to name the matching unilm model.
+    """
+    check_unilm_layout(cfg)
+    variant = unilm_variant(heads or {})
+    if heads and variant is None:
+        log.warning("heads %s match no unilm/beit3 task; written unchanged", sorted(heads)[:6])
+    return save_unilm_checkpoint(mdm_to_unilm(backbone, heads), out_path), variant
+
+
+def unilm_model_name(cfg: ModelConfig, variant: str | None) -> str:
+    """The unilm/beit3 timm-registered model name for this size, resolution and task."""
+    size = cfg.arch.split("_", 1)[-1] if cfg.arch.startswith("beit3_") else "base"
+    name = f"beit3_{size}_patch{cfg.patch_size}_{cfg.img_size}"
+    return f"{name}_{variant}" if variant else name
