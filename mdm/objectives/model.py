@@ -35,9 +35,6 @@ OBJECTIVES: Registry[Callable[[ModelConfig, ObjectivesConfig, dict[str, nn.Modul
     "objective"
 )
 
-#: group_matcher group of everything after the backbone (heads, objective machinery).
-LAST_GROUP = (99999,)
-
 
 def _mim_head(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> MIMHead:
     return heads.setdefault("mim", MIMHead(cfg.embed_dim, obj.codebook_size))  # type: ignore[return-value]
@@ -88,9 +85,12 @@ def _build_mae(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Modu
     )
 
 
-def _prefix_pattern(pattern: str, prefix: str) -> str:
-    """``^layers\\.(\\d+)`` → ``^backbone\\.layers\\.(\\d+)``."""
+def _prefix_pattern(pattern: str, prefix: str, capture: bool = True) -> str:
+    """``^layers\\.(\\d+)`` → ``^backbone\\.layers\\.(\\d+)``; with ``capture=False`` groups become
+    non-capturing (timm turns every captured group into a number, so a stem pattern must capture none)."""
     body = pattern[1:] if pattern.startswith("^") else pattern
+    if not capture:
+        body = re.sub(r"(?<!\\)\((?!\?)", "(?:", body)
     return "^" + re.escape(prefix) + body
 
 
@@ -177,18 +177,16 @@ class PretrainModel(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """The backbone's groups under ``backbone.``; heads and objective modules in the last group."""
+        """The backbone's groups under ``backbone.``; heads and objective modules form the last group."""
         inner = self.backbone.group_matcher(coarse)
         out: dict[str, Any] = {}
         for key, spec in inner.items():
             if isinstance(spec, str):
-                out[key] = _prefix_pattern(spec, "backbone.")
+                out[key] = _prefix_pattern(spec, "backbone.", capture=key != "stem")
             else:
                 out[key] = [(_prefix_pattern(p, "backbone."), g) for p, g in spec]
-        blocks = out.get("blocks", [])
-        if isinstance(blocks, str):
-            blocks = [(blocks, None)]
-        out["blocks"] = [*blocks, (r"^(heads|objectives)\.", LAST_GROUP)]
+        # A group of its own after every block (timm merges a (99999,) suffix into the previous group).
+        out["heads"] = r"^(?:heads|objectives)\."
         return out
 
     @torch.jit.ignore
