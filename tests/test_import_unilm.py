@@ -21,6 +21,15 @@ from mdm.export.unilm import load_unilm_checkpoint, mdm_to_torchscale, torchscal
 D, HEADS, DEPTH, GRID, VOCAB, TEXT_POS = 64, 4, 2, 2, 50, 40  # 32 px images, patch 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spinning on the shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def torchscale_state_dict(seed: int = 0, normalize_output: bool = True) -> dict[str, torch.Tensor]:
     """A torchscale BEiT3 backbone state dict (no prefix) with random values."""
     g = torch.Generator().manual_seed(seed)

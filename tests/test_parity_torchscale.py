@@ -26,6 +26,15 @@ TOL = 1e-5
 VOCAB = 100
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spinning on the shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @dataclass(frozen=True)
 class Tiny:
     """A tiny torchscale EncoderConfig and how its checkpoint is stored."""

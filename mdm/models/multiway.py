@@ -123,7 +123,8 @@ class MultiwayTransformer(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for timm's layer-wise lr decay (``param_groups_layer_decay``)."""
         return dict(
-            stem=r"^(text_embed|vision_embed|vision_pos_embed|text_pos_embed)",
+            # non-capturing: timm turns every captured group into a (numeric) ordinal
+            stem=r"^(?:text_embed|vision_embed|vision_pos_embed|text_pos_embed)",
             blocks=[(r"^layers\.(\d+)", None), (r"^norm", (99999,))],
         )
 
