@@ -123,7 +123,7 @@ def test_objectives_config_is_strict():
 
 # --------------------------------------------------------------------------- frozen tokenizer
 class FakeTokenizer(nn.Module):
-    """encode: argmax of a 1x1 conv over 4x4 average-pooled pixels → (B, 4, 4) codes."""
+    """encode: argmax of a 1x1 conv over 4x4 average-pooled [0, 1] pixels → (B, 4, 4) codes."""
 
     def __init__(self, codes: int = 64) -> None:
         super().__init__()
@@ -152,9 +152,22 @@ def test_fill_visual_tokens_under_no_grad_in_raster_order():
     pre = dict(batch, image_tokens=torch.zeros(B, P, dtype=torch.long))
     assert fill_visual_tokens(pre, tok)["image_tokens"] is pre["image_tokens"] and len(tok.calls) == 2
     with pytest.raises(ValueError, match="4x4 code grid.*9 patches"):
-        fill_visual_tokens({"image": batch["image"]}, tok, num_patches=9)
-    with pytest.raises(KeyError, match="tokenizer_image"):
-        fill_visual_tokens({"text": torch.zeros(2, 3)}, tok)
+        fill_visual_tokens({"tokenizer_image": batch["tokenizer_image"]}, tok, num_patches=9)
+    with pytest.raises(KeyError, match="tokenizer_image"):  # never the normalised backbone view
+        fill_visual_tokens({"image": batch["image"]}, tok)
+
+
+def test_check_visual_tokenizer_compares_codebook_and_grid():
+    model = make_model(["mim"])
+    tok = FakeTokenizer(codes=64)
+    tok.codebook_size, tok.grid_size = 64, (4, 4)
+    model.check_visual_tokenizer(tok)
+    tok.codebook_size = 8192
+    with pytest.raises(ValueError, match="8192 codes.*predicts 64"):
+        model.check_visual_tokenizer(tok)
+    tok.codebook_size, tok.grid_size = 64, (14, 14)
+    with pytest.raises(ValueError, match="14x14.*4x4"):
+        model.check_visual_tokenizer(tok)
 
 
 class _GradProbe:

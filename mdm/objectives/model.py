@@ -163,6 +163,25 @@ class PretrainModel(nn.Module):
         out["loss"] = total
         return out
 
+    def check_visual_tokenizer(self, tokenizer: Any) -> None:
+        """Raises ValueError when ``tokenizer`` cannot supply this model's targets: its
+        ``codebook_size`` differs from the MIM head's, or its code grid from the backbone's patch grid.
+        Call it once before training."""
+        head = self.heads["mim"] if "mim" in self.heads else None
+        if head is not None and int(tokenizer.codebook_size) != head.proj.out_features:
+            raise ValueError(
+                f"the visual tokenizer has {tokenizer.codebook_size} codes but the MIM head predicts "
+                f"{head.proj.out_features} (objectives.codebook_size)"
+            )
+        grid = tokenizer.grid_size
+        grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid, grid)
+        g = self.backbone.cfg.grid_size
+        if grid != (g, g):
+            raise ValueError(
+                f"the visual tokenizer's code grid is {grid[0]}x{grid[1]} but the backbone has {g}x{g} patches "
+                f"(img_size {self.backbone.cfg.img_size}, patch_size {self.backbone.cfg.patch_size})"
+            )
+
     def pretrained_backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The backbone weights alone, with the backbone's own key names (what gets exported)."""
         return self.backbone.state_dict()
