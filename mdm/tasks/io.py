@@ -87,19 +87,26 @@ def read_task_meta(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_task_model(
-    model_dir: str | Path, data: TaskDataConfig | None = None, map_location: str | torch.device = "cpu"
+    model_dir: str | Path,
+    task_cfg: TaskConfig | None = None,
+    data: TaskDataConfig | None = None,
+    map_location: str | torch.device = "cpu",
 ) -> tuple[Task, TaskModel, dict[str, Any]]:
     """Rebuilds the task, the model (weights loaded strictly) and returns the metadata.
 
     Args:
         model_dir: a directory written by :func:`save_task_model`.
+        task_cfg: a task config replacing the saved one (its ``name`` must match).
         data: a data config replacing the saved one (e.g. another ``data.root``).
         map_location: device of the weights.
     """
     meta = read_task_meta(model_dir)
     src = str(Path(model_dir) / CONFIG)
     model_cfg = from_dict(ModelConfig, meta["model"], source=src, prefix="model.")
-    task_cfg = from_dict(TaskConfig, meta["task"], source=src, prefix="task.")
+    saved_task = from_dict(TaskConfig, meta["task"], source=src, prefix="task.")
+    if task_cfg is not None and task_cfg.name != saved_task.name:
+        raise ValueError(f"{model_dir} is a {saved_task.name!r} model, not {task_cfg.name!r}")
+    task_cfg = task_cfg or saved_task
     data_cfg = (
         data if data is not None else from_dict(TaskDataConfig, meta["data"], source=src, prefix="data.")
     )

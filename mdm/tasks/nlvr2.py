@@ -56,6 +56,47 @@ class NLVR2Record:
     label: int
 
 
+def _label(value: Any) -> int | None:
+    """1 for "True"/true, 0 for "False"/false, None otherwise."""
+    return LABELS.get(value) if isinstance(value, (str, bool)) else None
+
+
+def score_nlvr2(
+    predictions: Any, rows: list[dict[str, Any]], subset: bool = False, source: str = "<predictions>"
+) -> dict[str, float]:
+    """Accuracy ×100 of ``[{"identifier", "prediction": "True"|"False"}]`` against the rows of a split file.
+
+    Args:
+        predictions: the prediction list.
+        rows: the split's JSON-lines objects (``identifier``, ``label``).
+        subset: score only rows that have a prediction (default: every row needs one).
+        source: name of the predictions, for messages.
+    """
+    if not isinstance(predictions, list):
+        raise ValueError(f"{source}: expected a JSON list of {{'identifier', 'prediction'}} objects")
+    pred: dict[str, int] = {}
+    for i, p in enumerate(predictions):
+        value = _label(p.get("prediction")) if isinstance(p, dict) and "identifier" in p else None
+        if value is None:
+            raise ValueError(
+                f"{source}: record {i} must be {{'identifier': ..., 'prediction': 'True'|'False'}}, got {p!r}"
+            )
+        pred[str(p["identifier"])] = value
+    truth = {str(r["identifier"]): _label(r.get("label")) for r in rows if "identifier" in r}
+    unknown = [k for k in pred if k not in truth]
+    missing = [k for k in truth if k not in pred]
+    if unknown or (missing and not subset):
+        raise ValueError(
+            f"{source}: {len(missing)} row(s) without a prediction (e.g. {missing[:5]}), "
+            f"{len(unknown)} prediction(s) for unknown identifiers (e.g. {unknown[:5]})"
+        )
+    scored = [k for k in truth if k in pred]
+    if not scored:
+        raise ValueError(f"{source}: nothing to score")
+    correct = sum(pred[k] == truth[k] for k in scored)
+    return {"nlvr2_acc": 100.0 * correct / len(scored), "num_examples": float(len(scored))}
+
+
 def _image_dir(root: Path, split: str) -> Path:
     for d in IMAGE_DIRS.get(split, (split, f"images/{split}")):
         if (root / d).is_dir():
@@ -70,7 +111,7 @@ def read_nlvr2_split(root: Path, split: str, problems: Problems) -> list[NLVR2Re
     records = []
     for line, row in read_json_lines(path):
         where = f"{path.name}:{line}"
-        if not {"identifier", "sentence", "label"} <= set(row) or row["label"] not in LABELS:
+        if not {"identifier", "sentence", "label"} <= set(row) or _label(row["label"]) is None:
             problems.add("bad_record", f"{where}: needs 'identifier', 'sentence' and a 'label' True/False")
             continue
         stem = "-".join(str(row["identifier"]).split("-")[:-1])  # drop the sentence index "-k"
