@@ -56,10 +56,27 @@ def _run(tmp_path, steps, stop_after=0, nan_at=None, max_bad=5, resume="auto", a
     model = ToyModel()
     optim = OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.01, clip_grad=1.0)
     opt = build_optimizer(model, optim, num_layers=0)
-    train = TrainConfig(steps=steps, ckpt_every=3, keep_last=2, out_dir=str(tmp_path), stop_after=stop_after,
-                        max_bad_steps=max_bad, resume=resume, grad_accum=accum, peak_tflops=1.0)
-    trainer = Trainer(model, opt, build_strategy(DistributedConfig()), ToyStream(nan_at=nan_at), train, optim,
-                      LoggingConfig(every=1, progress=False), flops_per_batch=lambda b: 6.0 * 8 * 16 * 7)
+    train = TrainConfig(
+        steps=steps,
+        ckpt_every=3,
+        keep_last=2,
+        out_dir=str(tmp_path),
+        stop_after=stop_after,
+        max_bad_steps=max_bad,
+        resume=resume,
+        grad_accum=accum,
+        peak_tflops=1.0,
+    )
+    trainer = Trainer(
+        model,
+        opt,
+        build_strategy(DistributedConfig()),
+        ToyStream(nan_at=nan_at),
+        train,
+        optim,
+        LoggingConfig(every=1, progress=False),
+        flops_per_batch=lambda b: 6.0 * 8 * 16 * 7,
+    )
     trainer.fit()
     return read_metrics(tmp_path / "metrics.jsonl"), trainer
 

@@ -92,10 +92,17 @@ class DeepSpeedStrategy(Strategy):
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else "nccl")
         ds_cfg = deepspeed_config(
-            self.cfg, self.micro_batch, self.grad_accum, self.world_size, self.clip_grad, self.device.type == "cpu"
+            self.cfg,
+            self.micro_batch,
+            self.grad_accum,
+            self.world_size,
+            self.clip_grad,
+            self.device.type == "cpu",
         )
         self.ds_config = ds_cfg
-        engine, ds_opt, _, _ = deepspeed.initialize(model=model.to(self.device), optimizer=optimizer, config=ds_cfg)
+        engine, ds_opt, _, _ = deepspeed.initialize(
+            model=model.to(self.device), optimizer=optimizer, config=ds_cfg
+        )
         self.engine = engine
         self.model = engine
         self.optimizer = ds_opt

@@ -92,9 +92,7 @@ class Strategy:
         self.rank, self.local_rank, self.world_size = env_world()
         self.device = pick_device(self.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.amp_dtype == torch.float16
-        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.micro_batch, self.grad_accum, self.clip_grad = 1, 1, 0.0

@@ -62,7 +62,9 @@ def consolidate(ckpt: str | Path, out_dir: str | Path, keep_heads: bool = False)
     model = MultiwayTransformer(model_cfg)
     model.load_state_dict(backbone, strict=True)
     out = save_pretrained(
-        model, out_dir, extra={"source": {"format": "mdm-checkpoint", "path": str(ckpt), "step": meta.get("step")}}
+        model,
+        out_dir,
+        extra={"source": {"format": "mdm-checkpoint", "path": str(ckpt), "step": meta.get("step")}},
     )
     if keep_heads and rest:
         save_safetensors_atomic(rest, Path(out) / "heads.safetensors")
@@ -75,7 +77,9 @@ def main(argv: list[str]) -> int:
     c = sub.add_parser("consolidate", help="merge a (ZeRO-sharded) checkpoint into one mdm model directory")
     c.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step-00001000")
     c.add_argument("out_dir")
-    c.add_argument("--keep-heads", action="store_true", help="also write non-backbone weights to heads.safetensors")
+    c.add_argument(
+        "--keep-heads", action="store_true", help="also write non-backbone weights to heads.safetensors"
+    )
     args = p.parse_args(argv)
     try:
         out = consolidate(args.checkpoint, args.out_dir, args.keep_heads)

@@ -100,6 +100,7 @@ class Trainer:
         flops_per_batch: model FLOPs (forward + backward) of one micro-batch, for the MFU estimate.
         samples_per_batch: samples in one micro-batch on one rank.
         run_config: the resolved config, saved with every checkpoint.
+        hooks: called with the trainer after every optimizer step (e.g. periodic evaluation).
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class Trainer:
         flops_per_batch: Callable[[Any], float] | None = None,
         samples_per_batch: Callable[[Any], int] | None = None,
         run_config: dict | None = None,
+        hooks: list[Callable[[Trainer], None]] | None = None,
     ) -> None:
         self.train, self.optim, self.logging_cfg = train, optim, logging_cfg
         self.strategy = strategy
@@ -123,6 +125,7 @@ class Trainer:
         self.flops_per_batch = flops_per_batch
         self.samples_per_batch = samples_per_batch or _count_samples
         self.run_config = run_config or {}
+        self.hooks = list(hooks or [])
         self.out = Path(train.out_dir)
         self.ckpt = CheckpointManager(self.out / "checkpoints", train.keep_last, strategy)
         self.sink = MetricSink(self.out, logging_cfg, strategy.is_main, self.run_config)
@@ -130,7 +133,9 @@ class Trainer:
         self.step = 0
         self.bad_in_row = 0
         self.bad_total = 0
-        self.peak_tflops = train.peak_tflops or (measure_matmul_tflops() if strategy.device.type == "cpu" else 0.0)
+        self.peak_tflops = train.peak_tflops or (
+            measure_matmul_tflops() if strategy.device.type == "cpu" else 0.0
+        )
 
     # ------------------------------------------------------------------ state
     def _client_state(self) -> dict[str, Any]:
@@ -142,8 +147,13 @@ class Trainer:
         }
 
     def _meta(self) -> dict[str, Any]:
-        return {"step": self.step, "config": self.run_config, "git_revision": git_revision(),
-                "world_size": self.strategy.world_size, "strategy": self.strategy.name}
+        return {
+            "step": self.step,
+            "config": self.run_config,
+            "git_revision": git_revision(),
+            "world_size": self.strategy.world_size,
+            "strategy": self.strategy.name,
+        }
 
     def save(self) -> Path:
         return self.ckpt.save(self.step, self._client_state(), self._meta())
@@ -186,7 +196,9 @@ class Trainer:
         self.strategy.zero_grad()
         self.bad_in_row += 1
         self.bad_total += 1
-        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_in_row)
+        log.warning(
+            "step %d: non-finite loss or gradient, step skipped (%d in a row)", self.step, self.bad_in_row
+        )
         if self.bad_in_row >= self.train.max_bad_steps:
             raise TrainingAborted(
                 f"{self.bad_in_row} consecutive steps had a non-finite loss or gradient (step {self.step}). "
@@ -229,8 +241,12 @@ class Trainer:
             if ok:
                 pbar.set_postfix(loss=f"{acc.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
             if self.step % every == 0 or self.step == total:
-                last = self._log(window, n_window, time.perf_counter() - t_window, samples_w, flops_w, lr, grad_norm)
+                last = self._log(
+                    window, n_window, time.perf_counter() - t_window, samples_w, flops_w, lr, grad_norm
+                )
                 window, n_window, t_window, samples_w, flops_w = {}, 0, time.perf_counter(), 0, 0.0
+            for hook in self.hooks:
+                hook(self)
             if self.train.ckpt_every and self.step % self.train.ckpt_every == 0 and self.step < total:
                 self.save()
             if self.train.stop_after and started >= self.train.stop_after and self.step < total:
@@ -248,10 +264,16 @@ class Trainer:
         row = {k: v / max(n, 1) for k, v in window.items()}
         if world > 1 and row:  # average the logged losses/accuracies over ranks
             keys = sorted(row)
-            t = self.strategy.all_reduce_sum(torch.tensor([row[k] for k in keys], device=self.strategy.device))
+            t = self.strategy.all_reduce_sum(
+                torch.tensor([row[k] for k in keys], device=self.strategy.device)
+            )
             row = {k: float(v) / world for k, v in zip(keys, t.tolist())}
-        row.update(lr=lr, grad_norm=grad_norm, samples_per_s=samples * world / max(dt, 1e-9),
-                   skipped_steps=self.bad_total)
+        row.update(
+            lr=lr,
+            grad_norm=grad_norm,
+            samples_per_s=samples * world / max(dt, 1e-9),
+            skipped_steps=self.bad_total,
+        )
         if flops and self.peak_tflops:
             achieved = flops / max(dt, 1e-9) / 1e12
             row.update(tflops_per_device=achieved, mfu=achieved / self.peak_tflops)

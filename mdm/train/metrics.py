@@ -53,7 +53,9 @@ class MetricSink:
         run_config: the resolved config, attached to wandb runs.
     """
 
-    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, enabled: bool, run_config: dict | None = None):
+    def __init__(
+        self, run_dir: str | Path, cfg: LoggingConfig, enabled: bool, run_config: dict | None = None
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None

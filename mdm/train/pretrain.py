@@ -1,0 +1,255 @@
+"""``mdm pretrain``: masked data modeling (MIM / MLM / MVLM, BEiT v2 [CLS] head, MAE) of a Multiway
+Transformer on mixed WebDataset streams — one code path for a single process, ``torchrun`` and the
+``deepspeed`` launcher.
+
+Run it as::
+
+    mdm pretrain --config configs/pretrain/vlmo_base_mdm.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m mdm.cli pretrain --config ...       # DDP / ZeRO by config
+    deepspeed --hostfile hosts -m mdm.cli pretrain --config ... distributed.zero_stage=3
+
+The visual tokenizer is loaded frozen (eval, no grad), kept out of the optimizer and out of DDP/ZeRO;
+it fills ``image_tokens`` for batches whose shards carry no precomputed codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdm.config import ConfigError, dump_yaml, to_dict
+from mdm.distributed.strategy import DistributedConfig, build_strategy
+from mdm.models.config import ModelConfig
+from mdm.objectives import ObjectivesConfig, build_pretrain_model, fill_visual_tokens
+from mdm.train.flops import train_step_flops
+from mdm.train.loop import TrainConfig, Trainer
+from mdm.train.metrics import LoggingConfig
+from mdm.train.optim import OptimConfig, apply_trainable, build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def _data_config_type():
+    from mdm.data.streams import PretrainDataConfig
+
+    return PretrainDataConfig
+
+
+@dataclass
+class PretrainConfig:
+    """Schema of ``mdm pretrain`` (``configs/pretrain/*.yaml``).
+
+    Attributes:
+        model: the backbone (``arch`` preset + overrides).
+        objectives: which objectives, their weights and heads.
+        data: the streams (shards, batch sizes, masking, transforms).
+        visual_tokenizer: directory of a saved visual tokenizer (``mdm tokenizer train``/``import``);
+            empty when every image shard carries precomputed codes or no objective needs codes.
+        text_tokenizer: directory of a saved text tokenizer (``mdm tokenizer train-text``).
+        init: start the backbone from this mdm model directory (e.g. VLMo's stage-wise schedule).
+        optim: optimizer, schedule, layer decay, frozen parameters.
+        train: steps, checkpoints, resume.
+        distributed: strategy, ZeRO stage, precision.
+        logging: metric sinks.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    data: Any = None  # PretrainDataConfig, resolved in __post_init__ (mdm.data imports lazily)
+    visual_tokenizer: str = ""
+    text_tokenizer: str = ""
+    init: str = ""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_pretrain_config(path: str | None, overrides: list[str]) -> PretrainConfig:
+    """Loads and checks a pretraining config (the data section against its own schema)."""
+    from mdm.config.core import _deep_merge, from_dict, parse_overrides, read_yaml
+
+    data_cls = _data_config_type()
+    raw: dict[str, Any] = read_yaml(path) if path else {}
+    source = str(path) if path else "<defaults>"
+    if overrides:
+        data_over = [o[len("data.") :] for o in overrides if o.startswith("data.")]
+        other = [o for o in overrides if not o.startswith("data.")]
+        parse_overrides(other, PretrainConfig)  # check keys outside data
+        parse_overrides(data_over, data_cls)
+        raw = _deep_merge(raw, parse_overrides(overrides))
+        source += " + command line"
+    data = from_dict(data_cls, raw.pop("data", {}) or {}, source=source, prefix="data.")
+    cfg = from_dict(PretrainConfig, raw, source=source)
+    cfg.data = data
+    return cfg
+
+
+def _load_tokenizers(cfg: PretrainConfig, device: torch.device):
+    import mdm.tokenizers as T
+
+    visual = None
+    if cfg.visual_tokenizer:
+        visual = T.load(cfg.visual_tokenizer, map_location=device)
+        visual.eval().requires_grad_(False)
+        if visual.codebook_size != cfg.objectives.codebook_size:
+            raise ConfigError(
+                f"objectives.codebook_size={cfg.objectives.codebook_size} but the visual tokenizer "
+                f"{cfg.visual_tokenizer} has {visual.codebook_size} codes"
+            )
+    text = T.load(cfg.text_tokenizer) if cfg.text_tokenizer else None
+    if text is not None and text.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the text tokenizer's "
+            f"{text.vocab_size} ids ({cfg.text_tokenizer})"
+        )
+    return visual, text
+
+
+def _prepare_fn(visual, num_patches: int):
+    """Fills visual tokens of image and pair batches with the frozen tokenizer."""
+
+    def prepare(batches: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batches)
+        for stream in ("image", "pair"):
+            b = out.get(stream)
+            if b is not None and b.get("image_tokens") is None:
+                if visual is None:
+                    raise ConfigError(
+                        f"the {stream} stream has no precomputed image_tokens and no visual_tokenizer is set"
+                    )
+                out[stream] = fill_visual_tokens(b, visual, num_patches)
+        return out
+
+    return prepare
+
+
+def _flops_fn(model_cfg: ModelConfig):
+    def flops(batches: dict[str, Any]) -> float:
+        seqs = []
+        for b in batches.values():
+            if not isinstance(b, dict):
+                continue
+            n, bsz = 0, None
+            if b.get("image") is not None:
+                bsz = b["image"].shape[0]
+                n += 1 + model_cfg.num_patches
+            if b.get("text") is not None:
+                bsz = b["text"].shape[0]
+                n += b["text"].shape[1]
+            if bsz:
+                seqs.append((bsz, n))
+        return train_step_flops(model_cfg, seqs)
+
+    return flops
+
+
+def _samples_fn(batches: dict[str, Any]) -> int:
+    total = 0
+    for b in batches.values():
+        if isinstance(b, dict):
+            t = b.get("image") if b.get("image") is not None else b.get("text")
+            total += int(t.shape[0]) if t is not None else 0
+    return total
+
+
+def build_run(cfg: PretrainConfig) -> Trainer:
+    """Everything ``mdm pretrain`` builds before the loop starts."""
+    from mdm.data.streams import build_pretrain_stream
+
+    from mdm.models.io import from_pretrained
+
+    strategy = build_strategy(cfg.distributed)
+    visual, text = _load_tokenizers(cfg, strategy.device)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_pretrain_model(cfg.model, cfg.objectives)
+    if cfg.init:
+        model.backbone.load_state_dict(from_pretrained(cfg.init).state_dict())
+        log.info("backbone initialised from %s", cfg.init)
+    frozen = apply_trainable(model, cfg.optim)
+    if frozen:
+        log.info("%d parameter tensors frozen by optim.trainable/optim.frozen", len(frozen))
+    optimizer = build_optimizer(model, cfg.optim, cfg.model.depth)
+    data = build_pretrain_stream(
+        cfg.data,
+        streams=model.streams(),
+        text_tokenizer=text,
+        model_cfg=cfg.model,
+        rank=strategy.rank,
+        world_size=strategy.world_size,
+        seed=cfg.train.seed,
+    )
+    strategy.configure(cfg.data.micro_batch_size(), cfg.train.grad_accum, cfg.optim.clip_grad)
+    return Trainer(
+        model,
+        optimizer,
+        strategy,
+        data,
+        cfg.train,
+        cfg.optim,
+        cfg.logging,
+        prepare=_prepare_fn(visual, cfg.model.num_patches),
+        flops_per_batch=_flops_fn(cfg.model),
+        samples_per_batch=_samples_fn,
+        run_config=to_dict(cfg),
+    )
+
+
+def export_backbone(trainer: Trainer, cfg: PretrainConfig) -> Path | None:
+    """Writes the pretrained backbone to ``<out_dir>/model`` (rank 0; gathers ZeRO-3 shards on all ranks)."""
+    from mdm.models.io import save_pretrained
+    from mdm.models.multiway import MultiwayTransformer
+
+    full = trainer.strategy.full_state_dict()
+    if not trainer.strategy.is_main:
+        return None
+    backbone = {k[len("backbone.") :]: v for k, v in full.items() if k.startswith("backbone.")}
+    model = MultiwayTransformer(cfg.model)
+    model.load_state_dict(backbone)
+    return save_pretrained(
+        model,
+        Path(cfg.train.out_dir) / "model",
+        extra={"source": {"format": "mdm-pretrain", "step": trainer.step}},
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mdm pretrain",
+        description="Masked data modeling pretraining of a Multiway Transformer (MIM / MLM / MVLM / MAE).",
+        epilog="Any config key can be overridden: mdm pretrain --config x.yaml model.depth=4 optim.lr=1e-4",
+    )
+    p.add_argument("--config", required=True, help="YAML config (see configs/pretrain/)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_pretrain_config(args.config, args.overrides)
+    except (ConfigError, KeyError) as e:
+        print(f"mdm pretrain: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_yaml(cfg))
+        return 0
+    out = Path(cfg.train.out_dir)
+    trainer = build_run(cfg)
+    if trainer.strategy.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+    last = trainer.fit()
+    if trainer.step >= cfg.train.steps:
+        model_dir = export_backbone(trainer, cfg)
+        if model_dir is not None:
+            summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.endswith(("_loss", "_acc")))
+            print(f"pretraining done: step {trainer.step}; {summary}\nbackbone: {model_dir}")
+    return 0
