@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint": ("mdm.train.consolidate", "consolidate a (ZeRO-sharded) training checkpoint into a model directory"),
     "export": ("mdm.export.command", "export a checkpoint as safetensors, unilm/BEiT-3, timm or ONNX"),
     "launch": ("mdm.launch.cli", "plan a multi-node run: --dry-run prints parameters, memory per ZeRO stage, batch"),
+    "tokenizer": ("mdm.tokenizers.cli", "train, evaluate, apply and import visual (dVAE, VQ-KD) and text tokenizers"),
 }
 
 
