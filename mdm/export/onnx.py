@@ -67,6 +67,8 @@ def _export(module: nn.Module, args: tuple, path: Path, names: list[str], axes: 
     with warnings.catch_warnings():
         # Python-level shape checks become constants in the trace; they are re-checked by ORT's shapes.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # dynamo=False is deliberate (the TorchScript exporter handles our routing without graph breaks)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             module,
             args,

@@ -1,0 +1,1 @@
+"""Launching and planning distributed runs (``mdm launch``)."""
