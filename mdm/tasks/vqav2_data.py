@@ -139,6 +139,20 @@ def _index_annotations(root: Path, split: str, qids: set[int], problems: Problem
     return anns
 
 
+def _read_questions(root: Path, split: str, problems: Problems) -> list[dict[str, Any]]:
+    qfile = QUESTIONS.format(split)
+    qdata = read_json(find_file(root, qfile))
+    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
+        raise ValueError(f"{qfile}: expected an object with a 'questions' list")
+    questions = []
+    for i, q in enumerate(qdata["questions"]):
+        if isinstance(q, dict) and {"question_id", "image_id", "question"} <= set(q):
+            questions.append(q)
+        else:
+            problems.add("bad_question", f"{qfile}: question {i} lacks question_id/image_id/question")
+    return questions
+
+
 def read_vqa_split(
     root: Path,
     spec: str,
@@ -151,16 +165,7 @@ def read_vqa_split(
     split, _, part = spec.partition(":")
     if part not in ("", "rest", "trainable") or (part and split not in ANNOTATED):
         raise ValueError(f"unknown VQAv2 split {spec!r} (use e.g. train2014, val2014:rest, test-dev2015)")
-    qfile = QUESTIONS.format(split)
-    qdata = read_json(find_file(root, qfile))
-    if not isinstance(qdata, dict) or not isinstance(qdata.get("questions"), list):
-        raise ValueError(f"{qfile}: expected an object with a 'questions' list")
-    questions = []
-    for i, q in enumerate(qdata["questions"]):
-        if isinstance(q, dict) and {"question_id", "image_id", "question"} <= set(q):
-            questions.append(q)
-        else:
-            problems.add("bad_question", f"{qfile}: question {i} lacks question_id/image_id/question")
+    questions = _read_questions(root, split, problems)
     anns = (
         _index_annotations(root, split, {q["question_id"] for q in questions}, problems)
         if split in ANNOTATED
