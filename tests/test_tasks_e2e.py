@@ -255,6 +255,23 @@ def test_classification_end_to_end(tmp_path, roots):
     )
 
 
+def test_finetuned_directory_loads_as_backbone_and_exports_to_unilm(tmp_path):
+    from mdm.export.command import export_checkpoint
+    from mdm.models import from_pretrained
+
+    task = build_task(
+        TaskConfig(name="vqav2"), TaskDataConfig(root=str(tmp_path)), {"answers": ["yes", "no", "2"]}
+    )
+    model = task.build_model(create_model("beit3_tiny", depth=2, img_size=32))  # unilm's layout
+    ckpt = save_task_model(tmp_path / "model", model, task, text_tokenizer="hash:1024")
+    backbone = from_pretrained(ckpt)
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.state_dict().items())
+    export_checkpoint(str(ckpt), "unilm", str(tmp_path / "vqa.pth"))
+    sd = torch.load(tmp_path / "vqa.pth", weights_only=False)["model"]
+    assert torch.equal(sd["head.3.weight"], model.head[3].weight)
+    assert torch.equal(sd["pooler.dense.bias"], model.pooler.dense.bias)
+
+
 def test_fine_tuning_learns_the_fixture_vqa(roots):
     task, model, losses = finetune(
         "vqav2", roots["vqav2"], steps=40, answer_min_count=1, val_holdout_images=2

@@ -1,9 +1,11 @@
 """The fine-tuned model directory read by ``mdm evaluate`` and ``mdm predict``.
 
-``model.safetensors`` holds the whole TaskModel state dict (``backbone.*`` plus the head, with unilm's
-head names); ``config.json`` holds ``{"format": "mdm-task-model", "format_version": 1, "model":
-<ModelConfig>, "task": <TaskConfig>, "data": <TaskDataConfig>, "task_state": {"answers"|"classes": ...},
-"text_tokenizer": <spec or null>, ...}``. Both are written atomically.
+It is an ordinary mdm model directory (``mdm.models.from_pretrained`` loads its backbone, ``mdm export``
+converts it with its head to unilm's format): ``model.safetensors`` holds the backbone (mdm names),
+``heads.safetensors`` the task's own tensors under unilm's names (``head.0.weight``, ``logit_scale``...),
+and ``config.json`` holds ``{"format": "mdm-model", "format_version": 1, "model": <ModelConfig>, "task":
+<TaskConfig>, "data": <TaskDataConfig>, "task_state": {"answers"|"classes": ...}, "text_tokenizer": <spec
+or null>, ...}``. Everything is written atomically.
 """
 
 from __future__ import annotations
@@ -16,16 +18,21 @@ import torch
 from safetensors.torch import load_file
 
 from mdm.config import from_dict, to_dict
-from mdm.models.config import ModelConfig
-from mdm.models.io import atomic_write_bytes, save_safetensors_atomic
+from mdm.models.io import (
+    FORMAT,
+    FORMAT_VERSION,
+    atomic_write_bytes,
+    read_model_config,
+    save_safetensors_atomic,
+)
 from mdm.models.multiway import MultiwayTransformer
 from mdm.tasks.base import Task, TaskModel, build_task, unwrap
 from mdm.tasks.config import TaskConfig, TaskDataConfig
 
-FORMAT = "mdm-task-model"
-FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+HEADS = "heads.safetensors"
 CONFIG = "config.json"
+BACKBONE = "backbone."
 
 
 def save_task_model(
@@ -50,9 +57,10 @@ def save_task_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = state_dict if state_dict is not None else module.state_dict()
-    save_safetensors_atomic(
-        {k: v.detach().cpu() for k, v in sd.items()}, out / WEIGHTS, metadata={"format": FORMAT}
-    )
+    backbone = {k[len(BACKBONE) :]: v.detach().cpu() for k, v in sd.items() if k.startswith(BACKBONE)}
+    heads = {k: v.detach().cpu() for k, v in sd.items() if not k.startswith(BACKBONE)}
+    save_safetensors_atomic(backbone, out / WEIGHTS, metadata={"format": FORMAT})
+    save_safetensors_atomic(heads, out / HEADS, metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -71,18 +79,13 @@ def save_task_model(
 
 def read_task_meta(model_dir: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a fine-tuned model directory (checked)."""
-    path = Path(model_dir) / CONFIG
     try:
-        meta = json.loads(path.read_text())
+        _, meta = read_model_config(model_dir)
     except FileNotFoundError:
         raise FileNotFoundError(f"{model_dir}: not a fine-tuned mdm model directory (no {CONFIG})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
-    for key in ("model", "task", "data"):
+    for key in ("task", "data"):
         if key not in meta:
-            raise ValueError(f"{path}: missing key {key!r}")
+            raise ValueError(f"{Path(model_dir) / CONFIG}: missing key {key!r} (not a fine-tuned model?)")
     return meta
 
 
@@ -101,8 +104,8 @@ def load_task_model(
         map_location: device of the weights.
     """
     meta = read_task_meta(model_dir)
+    model_cfg, _ = read_model_config(model_dir)
     src = str(Path(model_dir) / CONFIG)
-    model_cfg = from_dict(ModelConfig, meta["model"], source=src, prefix="model.")
     saved_task = from_dict(TaskConfig, meta["task"], source=src, prefix="task.")
     if task_cfg is not None and task_cfg.name != saved_task.name:
         raise ValueError(f"{model_dir} is a {saved_task.name!r} model, not {task_cfg.name!r}")
@@ -112,12 +115,15 @@ def load_task_model(
     )
     task = build_task(task_cfg, data_cfg, meta.get("task_state") or None)
     model = task.build_model(MultiwayTransformer(model_cfg))
-    weights = Path(model_dir) / WEIGHTS
-    if not weights.exists():
-        raise FileNotFoundError(f"{model_dir}: missing {WEIGHTS}")
-    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    sd: dict[str, torch.Tensor] = {}
+    for name, prefix in ((WEIGHTS, BACKBONE), (HEADS, "")):
+        path = Path(model_dir) / name
+        if not path.exists():
+            raise FileNotFoundError(f"{model_dir}: missing {name}")
+        sd.update({prefix + k: v for k, v in load_file(str(path)).items()})
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{weights}: weights do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            f"{model_dir}: weights do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
     return task, model.to(map_location), meta
