@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from mdm.config import ConfigError, dump_yaml, to_dict
+from mdm.config import ConfigError, dump_yaml, load_config, to_dict
+from mdm.data.streams import PretrainDataConfig
 from mdm.distributed.strategy import DistributedConfig, build_strategy
 from mdm.models.config import ModelConfig
 from mdm.objectives import ObjectivesConfig, build_pretrain_model, fill_visual_tokens
@@ -33,12 +34,6 @@ from mdm.train.metrics import LoggingConfig
 from mdm.train.optim import OptimConfig, apply_trainable, build_optimizer
 
 log = logging.getLogger(__name__)
-
-
-def _data_config_type():
-    from mdm.data.streams import PretrainDataConfig
-
-    return PretrainDataConfig
 
 
 @dataclass
@@ -61,7 +56,7 @@ class PretrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
-    data: Any = None  # PretrainDataConfig, resolved in __post_init__ (mdm.data imports lazily)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     visual_tokenizer: str = ""
     text_tokenizer: str = ""
     init: str = ""
@@ -69,26 +64,6 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
-def load_pretrain_config(path: str | None, overrides: list[str]) -> PretrainConfig:
-    """Loads and checks a pretraining config (the data section against its own schema)."""
-    from mdm.config.core import _deep_merge, from_dict, parse_overrides, read_yaml
-
-    data_cls = _data_config_type()
-    raw: dict[str, Any] = read_yaml(path) if path else {}
-    source = str(path) if path else "<defaults>"
-    if overrides:
-        data_over = [o[len("data.") :] for o in overrides if o.startswith("data.")]
-        other = [o for o in overrides if not o.startswith("data.")]
-        parse_overrides(other, PretrainConfig)  # check keys outside data
-        parse_overrides(data_over, data_cls)
-        raw = _deep_merge(raw, parse_overrides(overrides))
-        source += " + command line"
-    data = from_dict(data_cls, raw.pop("data", {}) or {}, source=source, prefix="data.")
-    cfg = from_dict(PretrainConfig, raw, source=source)
-    cfg.data = data
-    return cfg
 
 
 def _load_tokenizers(cfg: PretrainConfig, device: torch.device):
@@ -162,7 +137,6 @@ def _samples_fn(batches: dict[str, Any]) -> int:
 def build_run(cfg: PretrainConfig) -> Trainer:
     """Everything ``mdm pretrain`` builds before the loop starts."""
     from mdm.data.streams import build_pretrain_stream
-
     from mdm.models.io import from_pretrained
 
     strategy = build_strategy(cfg.distributed)
@@ -234,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_pretrain_config(args.config, args.overrides)
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
     except (ConfigError, KeyError) as e:
         print(f"mdm pretrain: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,84 @@
+"""Small plotting and Markdown helpers for run reports (``mdm demo``): curves from ``metrics.jsonl``.
+
+Uses matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_curves(
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    path: str | Path,
+    title: str,
+    ylabel: str = "",
+    smooth: int = 1,
+) -> Path | None:
+    """Plots ``keys`` of metric rows against ``step``; returns the PNG path (None if no key has data).
+
+    Args:
+        rows: metric rows with a ``step`` field.
+        keys: metric names to draw, one line each.
+        path: output PNG.
+        title / ylabel: labels.
+        smooth: moving-average window (1 = raw).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    drawn = 0
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        if smooth > 1:
+            ys = [
+                sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1])
+                for i in range(len(ys))
+            ]
+        ax.plot(xs, ys, label=key, linewidth=1.5)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats are shown with 2 decimals."""
+
+    def fmt(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The same table as plain aligned text, for the terminal."""
+    cells = [list(map(str, header))] + [
+        [f"{v:.2f}" if isinstance(v, float) else str(v) for v in r] for r in rows
+    ]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
