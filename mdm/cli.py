@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mdm.demo", "run the whole pipeline on the embedded demo data and write a report"),
     "import": ("mdm.export.cli", "import a checkpoint from another toolkit (unilm/torchscale BEiT-3)"),
     "info": ("mdm.models.cli", "list model presets, or describe one (parameters per expert)"),
+    "data": ("mdm.data.cli", "build WebDataset shards from captions JSON, JSONL, image folders or text files"),
     "pretrain": ("mdm.train.pretrain", "masked data modeling pretraining (MIM / MLM / MVLM / MAE), 1 process to ZeRO-3"),
     "finetune": ("mdm.train.finetune", "fine-tune on VQAv2, NLVR2, retrieval or classification"),
     "evaluate": ("mdm.tasks.cli_evaluate", "official metrics of a fine-tuned model or of a prediction file (VQA, NLVR2, ...)"),
