@@ -102,7 +102,8 @@ def report(metrics: dict[str, Any], path: str | None) -> None:
         return
     width = max(map(len, metrics), default=0)
     for k, v in metrics.items():
-        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        shown = int(v) if k.startswith("num_") else (f"{v:.4f}" if isinstance(v, float) else v)
+        print(f"{k:<{width}}  {shown}")
     if path:
         write_json(path, metrics)
 

@@ -5,7 +5,9 @@ The joint image+question sequence is encoded; the **vision [CLS]** output ``x[:,
 LayerNorm → GELU → Linear(2D, #answers), ``head.0..3``). Loss: binary cross-entropy with logits against the
 soft targets, mean over entries × #answers (ViLT convention). Validation reports
 
-* ``vqa_score`` — ViLT/unilm's training-time score: the soft target of the arg-max answer, mean × 100;
+* ``vqa_score`` — ViLT/unilm's training-time score: the soft target of the arg-max answer, mean × 100
+  over the evaluated questions (unilm's validation split also drops questions without an in-vocabulary
+  answer, which raises its score a little);
 * ``vqa_acc`` — the official VQA accuracy (:mod:`mdm.tasks.vqa_eval`) of the arg-max answer strings.
 """
 
