@@ -128,7 +128,8 @@ def gumbel_softmax(
 ) -> torch.Tensor:
     """Relaxed one-hot samples; noise drawn from ``generator`` (never the global RNG when one is given)."""
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-10)).clamp_min(1e-10))
+    exponential = -torch.log(u.clamp_min(1e-10))  # Exp(1) samples
+    gumbel = -torch.log(exponential.clamp_min(1e-10))
     return F.softmax((logits + gumbel) / tau, dim=dim)
 
 

@@ -3,7 +3,7 @@
 A tokenizer directory holds ``config.json`` (``{"format": "mdm-tokenizer", "format_version": 1,
 "kind", "config", "tokenizer_id", ...}``) and the weights: ``tokenizer.safetensors`` for visual
 tokenizers (optionally ``teacher.safetensors`` for VQ-KD evaluation), ``spm.model`` for SentencePiece.
-``tokenizer_id`` is ``<kind>-<first 12 hex digits of the SHA-256 of the weights file>``; precomputed
+``tokenizer_id`` is ``<kind>-<first 12 hex digits of a SHA-256 over the weights>`` (:func:`tokenizer_id`); precomputed
 codes record it so that a pretraining run can check they came from the tokenizer it is configured with.
 
 This is the one module of :mod:`mdm.tokenizers` that touches files (see docs/ARCHITECTURE.md).
@@ -29,6 +29,7 @@ __all__ = [
     "FORMAT",
     "load",
     "save_tokenizer",
+    "tokenizer_id",
     "read_meta",
     "read_state_dict",
     "load_dall_e_pickles",
@@ -46,14 +47,22 @@ TEACHER_WEIGHTS = "teacher.safetensors"
 SPM = "spm.model"
 
 
-def _file_id(kind: str, path: Path) -> str:
-    return f"{kind}-{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+def tokenizer_id(kind: str, weights: dict[str, torch.Tensor] | bytes) -> str:
+    """``<kind>-<12 hex digits>``: SHA-256 over the tensors (sorted names, dtypes, shapes, values) or model bytes."""
+    h = hashlib.sha256()
+    if isinstance(weights, bytes):
+        h.update(weights)
+    else:
+        for name in sorted(weights):
+            t = weights[name].detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{kind}-{h.hexdigest()[:12]}"
 
 
 def _write_meta(
-    out: Path, kind: str, config: dict[str, Any], weights: Path, extra: dict[str, Any] | None
+    out: Path, kind: str, config: dict[str, Any], tok_id: str, extra: dict[str, Any] | None
 ) -> str:
-    tok_id = _file_id(kind, weights)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -86,11 +95,14 @@ def save_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(tok, TextTokenizer):
         atomic_write_bytes(out / SPM, tok.model_proto)
-        return _write_meta(out, "sentencepiece", tok.config_dict(), out / SPM, extra)
-    save_safetensors_atomic(tok.state_dict(), out / WEIGHTS, metadata={"format": FORMAT, "kind": tok.kind})
+        return _write_meta(
+            out, "sentencepiece", tok.config_dict(), tokenizer_id("sentencepiece", tok.model_proto), extra
+        )
+    state = tok.state_dict()
+    save_safetensors_atomic(state, out / WEIGHTS, metadata={"format": FORMAT, "kind": tok.kind})
     if teacher_state is not None:
         save_safetensors_atomic(teacher_state, out / TEACHER_WEIGHTS, metadata={"format": FORMAT})
-    return _write_meta(out, tok.kind, tok.config_dict(), out / WEIGHTS, extra)
+    return _write_meta(out, tok.kind, tok.config_dict(), tokenizer_id(tok.kind, state), extra)
 
 
 def read_meta(tok_dir: str | Path) -> dict[str, Any]:

@@ -4,12 +4,12 @@ As unilm ``beit2/norm_ema_quantizer.py::NormEMAVectorQuantizer``: inputs and cod
 sphere, the nearest code is the one of largest cosine, the codebook is not trained by gradients but
 moved towards the normalised mean of the vectors assigned to it (``c ← l2norm(γ c + (1-γ) mean)``),
 the loss is only the commitment term ``β · ‖sg(z_q) - z‖²`` and gradients pass straight through.
-The codebook can be initialised by cosine k-means on the first batch.
+The codebook can be initialised by cosine k-means on the first batch (here from k-means++ seeds).
 
 Added here — the reason unilm's users report half the codebook unused: **dead-code restart**. Every
 ``restart_every`` steps, codes that received fewer than ``dead_code_threshold`` times the mean number
-of vectors per code during those steps are re-seeded with encoder outputs of the current batch (drawn
-with the caller's generator, so dense regions of the data get more codes).
+of vectors per code during those steps are re-seeded with encoder outputs of the current batch, drawn
+with the caller's generator k-means++ style (probability ∝ squared distance to the nearest live code).
 
 Multi-process training: set ``reduce_fn`` (sum over ranks, in place) so counts and sums are global,
 and ``broadcast_fn`` (copy from rank 0, in place) so restarts and the k-means initialisation are
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NormEMAQuantizer", "cosine_kmeans"]
+__all__ = ["NormEMAQuantizer", "cosine_kmeans", "kmeans_pp_seeds"]
 
 
 def _sample_rows(x: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -36,16 +36,32 @@ def _sample_rows(x: torch.Tensor, n: int, generator: torch.Generator | None) -> 
     return x[idx.to(x.device)]
 
 
+def kmeans_pp_seeds(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k-means++ seeding of unit vectors x (N, d): each seed drawn ∝ squared distance to the chosen ones."""
+    n = x.shape[0]
+    u = torch.rand(k, generator=generator, dtype=torch.float64)  # one uniform number per seed
+    seeds = torch.empty(k, dtype=torch.long)
+    seeds[0] = min(int(u[0] * n), n - 1)
+    dist = (2 - 2 * (x @ x[seeds[0]])).clamp_min(0).double()  # (N,) squared distance to the nearest seed
+    for i in range(1, k):
+        cdf = dist.cumsum(0)
+        total = float(cdf[-1])
+        nxt = int(torch.searchsorted(cdf, u[i] * total).clamp_max(n - 1)) if total > 0 else int(u[i] * n) % n
+        seeds[i] = nxt
+        torch.minimum(dist, (2 - 2 * (x @ x[nxt])).clamp_min(0).double(), out=dist)
+    return x[seeds.to(x.device)]
+
+
 def cosine_kmeans(
     x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spherical k-means of unit vectors ``x`` (N, d).
+    """Spherical k-means of unit vectors ``x`` (N, d) from k-means++ seeds.
 
     Returns:
         (centroids (k, d) on the unit sphere, counts (k,) of the last assignment). Empty clusters keep
         their previous centroid.
     """
-    means = _sample_rows(x, k, generator)
+    means = kmeans_pp_seeds(x, k, generator)
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
         assign = (x @ means.t()).argmax(dim=1)  # (N,)
@@ -155,14 +171,25 @@ class NormEMAQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor, batch_total: float, generator: torch.Generator | None) -> int:
-        """Re-seeds dead codes with vectors of the batch; returns how many were restarted."""
+        """Re-seeds dead codes with vectors of the batch; returns how many were restarted.
+
+        Candidates are drawn k-means++ style, with probability proportional to their squared distance
+        to the nearest live code: vectors the codebook already represents well (in particular the many
+        identical vectors of flat image regions) are not picked again, so restarted codes land where
+        they will be used.
+        """
         window_mean = float(self.window_counts.sum()) / self.codebook_size
         dead = self.window_counts < self.dead_code_threshold * window_mean
         self.window_counts.zero_()
         n = int(dead.sum())
-        if n == 0:
+        if n == 0 or n == self.codebook_size:
             return 0
-        new = _sample_rows(flat, n, generator)
+        sim = flat @ self.codebook[~dead].t()  # (N, live)
+        weight = (2 - 2 * sim.max(dim=1).values).clamp_min(0).cpu().double()  # squared distance
+        if float(weight.sum()) <= 0:
+            return 0
+        idx = torch.multinomial(weight, n, replacement=int((weight > 0).sum()) < n, generator=generator)
+        new = flat[idx.to(flat.device)]
         if self.broadcast_fn is not None:
             self.broadcast_fn(new)
         self.codebook[dead] = new

@@ -110,7 +110,7 @@ def _save_state(
 
 def _log_line(step: int, out: dict[str, torch.Tensor], hist: CodeHistogram, lr: float) -> str:
     parts = [f"step {step}"] + [
-        f"{k} {float(v):.4f}" for k, v in out.items() if k != "codes" and v.numel() == 1
+        f"{k} {float(v.detach()):.4f}" for k, v in out.items() if k != "codes" and v.numel() == 1
     ]
     return " ".join(parts + [f"usage {100 * hist.usage:.1f}%", f"ppl {hist.perplexity:.1f}", f"lr {lr:.2e}"])
 
@@ -167,7 +167,7 @@ def train_tokenizer(
         if step % USAGE_WINDOW == 0:
             hist.reset()
         hist.update(out["codes"])
-        bar.set_postfix(loss=f"{float(out['loss']):.4f}", usage=f"{100 * hist.usage:.0f}%")
+        bar.set_postfix(loss=f"{float(out['loss'].detach()):.4f}", usage=f"{100 * hist.usage:.0f}%")
         if (step + 1) % cfg.optim.log_every == 0 or step + 1 == cfg.optim.steps:
             log.info(_log_line(step + 1, out, hist, lr))
         if cfg.optim.save_every and (step + 1) % cfg.optim.save_every == 0:
