@@ -3,9 +3,11 @@ model and a (random, frozen) tiny VQ-KD tokenizer. Built once per test session (
 
 from __future__ import annotations
 
+import io
 import json
-import random
 from pathlib import Path
+
+import numpy as np
 
 from mdm.data.demo.scenes import make_scenes, render
 from mdm.data.shards import WriteReport, from_image_folder, from_jsonl, from_text_files, write_shards
@@ -18,6 +20,24 @@ def caption(scene) -> str:
     return " and ".join(parts)
 
 
+def colour_codes(img, patch: int = 8) -> np.ndarray:
+    """A meaningful stand-in tokenizer: each patch's mean colour quantised to 3 levels per channel (27 codes)."""
+    arr = np.asarray(img, dtype=np.float32)  # (H, W, 3)
+    g = arr.shape[0] // patch
+    means = arr.reshape(g, patch, g, patch, 3).mean(axis=(1, 3))  # (g, g, 3)
+    levels = np.clip((means / 256 * 3).astype(np.int64), 0, 2)
+    return (levels[..., 0] * 9 + levels[..., 1] * 3 + levels[..., 2]).astype(np.int16)
+
+
+def _with_codes(samples, images: dict[str, object]):
+    for s in samples:
+        src = json.loads(s["json"])["source"]
+        buf = io.BytesIO()
+        np.save(buf, colour_codes(images[Path(src).name]))
+        s["tok.npy"] = buf.getvalue()
+        yield s
+
+
 def build_world(root: Path, n_images: int = 96, img_size: int = 32, seed: int = 0) -> dict[str, str]:
     """Writes images, shards and tokenizers under ``root``; returns their paths."""
     from mdm.tokenizers import VQKD, save_tokenizer
@@ -28,24 +48,23 @@ def build_world(root: Path, n_images: int = 96, img_size: int = 32, seed: int = 
     scenes = make_scenes(n_images, seed, "test")
     img_dir = root / "images"
     img_dir.mkdir(exist_ok=True)
-    lines = []
+    lines, images = [], {}
     for i, s in enumerate(scenes):
-        render(s, img_size).save(img_dir / f"{i:05d}.png")
+        images[f"{i:05d}.png"] = render(s, img_size)
+        images[f"{i:05d}.png"].save(img_dir / f"{i:05d}.png")
         lines.append(json.dumps({"image": f"images/{i:05d}.png", "text": [caption(s), caption(s).upper()]}))
     (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     corpus = [caption(s) for s in make_scenes(300, seed + 1, "text")]
     (root / "corpus.txt").write_text("\n".join(corpus) + "\n")
     for kind, samples in (
-        ("image", lambda r: from_image_folder(img_dir, r)),
-        ("pair", lambda r: from_jsonl(root / "pairs.jsonl", r)),
+        ("image", lambda r: _with_codes(from_image_folder(img_dir, r), images)),
+        ("pair", lambda r: _with_codes(from_jsonl(root / "pairs.jsonl", r), images)),
         ("text", lambda r: from_text_files([root / "corpus.txt"], r)),
     ):
         report = WriteReport(kind)
         write_shards(samples(report), root / "shards" / kind, kind, max_count=24, report=report)
     tok = train_sentencepiece(corpus, vocab_size=60)
     save_tokenizer(tok, root / "spm")
-    rng = random.Random(seed)
-    del rng
     vq = VQKD(
         VQKDConfig(
             img_size=img_size,
@@ -79,3 +98,9 @@ def pretrain_overrides(world: dict[str, str], out_dir: Path, steps: int = 6) -> 
         f"train.out_dir={out_dir}",
         f"train.steps={steps}",
     ]
+
+
+def learning_overrides(world: dict[str, str], out_dir: Path, steps: int) -> list[str]:
+    """Overrides for a run on precomputed colour codes (27 of 32 codes used), patch 8 at 32 px."""
+    over = [o for o in pretrain_overrides(world, out_dir, steps) if not o.startswith("visual_tokenizer")]
+    return over + ["data.precomputed_codes=true", "model.patch_size=8", "visual_tokenizer="]

@@ -52,7 +52,7 @@ def _field_names(cls: type) -> list[str]:
 def _unknown_key_error(key: str, prefix: str, valid: Sequence[str], source: str) -> ConfigError:
     full = f"{prefix}{key}"
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
     return ConfigError(
         f"{source}: unknown key {full!r}{hint} (valid keys here: {', '.join(sorted(valid))})"
     )

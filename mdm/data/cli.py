@@ -1,9 +1,9 @@
 """``mdm data shards``: WebDataset tar shards from a COCO captions file, a JSONL, an image folder or text files.
 
-    mdm data shards --from coco --captions annotations/captions_train2014.json --images train2014 --out shards/pairs
-    mdm data shards --from jsonl --jsonl pairs.jsonl --out shards/pairs
-    mdm data shards --from folder --images imagenet/train --out shards/images
-    mdm data shards --from text --text wiki.txt books.txt --out shards/text
+mdm data shards --from coco --captions annotations/captions_train2014.json --images train2014 --out shards/pairs
+mdm data shards --from jsonl --jsonl pairs.jsonl --out shards/pairs
+mdm data shards --from folder --images imagenet/train --out shards/images
+mdm data shards --from text --text wiki.txt books.txt --out shards/text
 """
 
 from __future__ import annotations
@@ -16,11 +16,17 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdm data", description="Prepare pretraining data.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("shards", help="write WebDataset tar shards", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = sub.add_parser(
+        "shards",
+        help="write WebDataset tar shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("--from", dest="source", required=True, choices=["coco", "jsonl", "folder", "text"])
     s.add_argument("--captions", help="COCO captions JSON (--from coco)")
-    s.add_argument("--images", help="image folder (--from coco: where file_name lives; --from folder: the root)")
+    s.add_argument(
+        "--images", help="image folder (--from coco: where file_name lives; --from folder: the root)"
+    )
     s.add_argument("--jsonl", help='JSON lines {"image": path, "text": str | [str]} (--from jsonl)')
     s.add_argument("--text", nargs="+", help="text files, one sample per non-empty line (--from text)")
     s.add_argument("--out", required=True, help="output directory (shard-NNNNNN.tar + index.json)")
@@ -51,5 +57,7 @@ def main(argv: list[str]) -> int:
         print(f"mdm data shards: {e}", file=sys.stderr)
         return 1
     skipped = ", ".join(f"{k}: {v}" for k, v in report.skipped.items()) or "none"
-    print(f"wrote {sum(report.counts)} {kind} samples in {len(report.shards)} shards to {args.out} (skipped: {skipped})")
+    print(
+        f"wrote {sum(report.counts)} {kind} samples in {len(report.shards)} shards to {args.out} (skipped: {skipped})"
+    )
     return 0

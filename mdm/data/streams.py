@@ -122,7 +122,7 @@ def expand_shards(specs: list[str], where: str) -> list[str]:
 class _Cursor:
     """Position in one source for one slot: ``(shard sequence index, sample offset)``."""
 
-    def __init__(self, shards: list[str], slot: int, n_slots: int, seed: int, mode: str) -> None:
+    def __init__(self, shards: list[str], slot: int, n_slots: int, seed: str, mode: str) -> None:
         self.shards, self.slot, self.n_slots, self.seed, self.mode = shards, slot, n_slots, seed, mode
         self.seq, self.offset = 0, 0
         self._it: Iterator | None = None
@@ -198,8 +198,7 @@ class StreamDataset(IterableDataset):
         slot, n_slots = self.rank * workers + local, self.world * workers
         base = f"{self.seed}/{self.kind}"
         cursors = [
-            _Cursor(sh, slot, n_slots, hash(f"{base}/{i}") % (1 << 31), self.cfg.split)
-            for i, sh in enumerate(self.shards)
+            _Cursor(sh, slot, n_slots, f"{base}/{i}", self.cfg.split) for i, sh in enumerate(self.shards)
         ]
         mix = random.Random(f"{base}/mix/{slot}")
         batches, skipped = 0, {}
@@ -317,12 +316,15 @@ class _KindIterator:
     def _start(self) -> None:
         n_slots = max(self.workers, 1)
         ds = self.make_dataset(start=dict(self.positions), slot_offset=self.consumed % n_slots)
+        # its own generator: creating the iterator must not draw from the global torch RNG, or a resumed
+        # run (whose iterators start later) would shift dropout / drop-path masks
         loader = DataLoader(
             ds,
             batch_size=None,
             num_workers=self.workers,
             persistent_workers=False,
             prefetch_factor=2 if self.workers else None,
+            generator=torch.Generator().manual_seed(0),
         )
         self._it = iter(loader)
 

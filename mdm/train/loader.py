@@ -65,7 +65,9 @@ class EpochLoader:
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
         batches = batches[self.consumed :]
-        g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.epoch, self.consumed)) % (1 << 62))
+        g = torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + self.rank) * 1_000_003 + self.epoch) * 1_000_003 + self.consumed
+        )
         loader = DataLoader(
             self.dataset,
             batch_sampler=batches,
