@@ -1,0 +1,27 @@
+"""Run under torchrun by tests/test_pretrain_dist.py: ``mdm pretrain`` through the real build path, then
+(on every rank, as ZeRO-3 gathers collectively) the backbone's output on a fixed input, saved by rank 0."""
+
+import sys
+
+import torch
+
+from mdm.config import load_config
+from mdm.train.pretrain import PretrainConfig, build_run, export_backbone
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out_file, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    cfg = load_config(PretrainConfig, config, overrides)
+    trainer = build_run(cfg)
+    trainer.fit()
+    if trainer.step >= cfg.train.steps:
+        export_backbone(trainer, cfg)
+        g = torch.Generator().manual_seed(0)
+        image = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size, generator=g)
+        text = torch.randint(3, 30, (2, 7), generator=g)
+        backbone = trainer.strategy.module.backbone
+        backbone.eval()
+        with torch.no_grad():
+            out = backbone(image=image, text=text)
+        if trainer.strategy.is_main:
+            torch.save({"image": image, "text": text, "out": out}, out_file)
