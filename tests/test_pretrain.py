@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdm.train.metrics import read_metrics
 from mdm.train.pretrain import main
@@ -104,3 +105,83 @@ def test_unknown_key_and_missing_stream_fail_clearly(world, tmp_path, capsys):
     over = [o for o in pretrain_overrides(world, tmp_path, 2) if not o.startswith("data.pair")]
     with pytest.raises(ValueError, match="data.pair"):
         main(["--config", CONFIG, *over, "data.pair=null"])
+
+
+def test_mae_runs_without_a_visual_tokenizer(world, tmp_path):
+    over = [
+        o
+        for o in pretrain_overrides(world, tmp_path, 3)
+        if not o.startswith(("visual_tokenizer", "data.pair", "data.text"))
+    ]
+    _run(
+        [
+            *over,
+            "visual_tokenizer=",
+            "data.pair=null",
+            "data.text=null",
+            "objectives.objectives=[mae]",
+            "objectives.mae_decoder_dim=32",
+            "objectives.mae_decoder_depth=1",
+            "objectives.mae_decoder_heads=2",
+            "data.image.image_masking=random",
+            "data.image.image_mask_ratio=0.75",
+            "model.patch_size=8",
+        ]
+    )
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert "mae_loss" in rows[-1] and "mim_loss" not in rows[-1]
+
+
+def test_beit_v2_cls_head_is_not_exported(world, tmp_path):
+    over = [o for o in pretrain_overrides(world, tmp_path, 2) if not o.startswith(("data.pair", "data.text"))]
+    _run(
+        [
+            *over,
+            "data.pair=null",
+            "data.text=null",
+            "objectives.objectives=[cls_mim]",
+            "objectives.cls_pt_early_layer=1",
+            "objectives.cls_pt_layers=1",
+        ]
+    )
+    assert "cls_mim_loss" in read_metrics(tmp_path / "metrics.jsonl")[-1]
+    from safetensors.torch import load_file
+
+    assert all(
+        k.split(".")[0] != "objectives" for k in load_file(str(tmp_path / "model" / "model.safetensors"))
+    )
+
+
+def test_stagewise_training_leaves_frozen_parameters_untouched(world, tmp_path):
+    """VLMo's language stage: only text-side parameters change."""
+    from mdm.models.io import from_pretrained
+
+    over = [
+        o
+        for o in pretrain_overrides(world, tmp_path / "v", 2)
+        if not o.startswith(("data.pair", "data.text"))
+    ]
+    _run([*over, "data.pair=null", "data.text=null", "objectives.objectives=[mim]"])
+    over = [
+        o
+        for o in pretrain_overrides(world, tmp_path / "t", 3)
+        if not o.startswith(("data.pair", "data.image"))
+    ]
+    _run(
+        [
+            *over,
+            "data.pair=null",
+            "data.image=null",
+            "objectives.objectives=[mlm]",
+            f"init={tmp_path / 'v' / 'model'}",
+            "optim.trainable=['^backbone\\.text_', '\\.ffn\\.text\\.', '^backbone\\.norm\\.text', '^heads\\.']",
+            "optim.weight_decay=0.0",
+        ]
+    )
+    before = from_pretrained(tmp_path / "v" / "model").state_dict()
+    after = from_pretrained(tmp_path / "t" / "model").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("text_", "norm.text")) or ".ffn.text." in k for k in changed), (
+        changed
+    )
+    assert any(".ffn.text." in k for k in changed)

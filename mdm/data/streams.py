@@ -58,7 +58,9 @@ class StreamConfig:
         batch_size: samples per step on each rank.
         max_text_len: text length including [bos]/[eos] (text and pair streams).
         text_mask_ratio: MLM ratio (default 0.15 for text, 0.5 for pairs, as BEiT-3).
-        image_mask_ratio: block-wise MIM ratio (BEiT-3: 0.4; BEiT v1: 75/196 ≈ 0.383).
+        image_mask_ratio: fraction of patches masked (BEiT-3: 0.4; BEiT v1: 75/196 ≈ 0.383; MAE: 0.75).
+        image_masking: ``block`` (BEiT block-wise) or ``random`` (exactly ``round(ratio · P)`` patches per
+            image, uniformly — MAE's masking).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)
@@ -66,6 +68,14 @@ class StreamConfig:
     max_text_len: int = 64
     text_mask_ratio: float | None = None
     image_mask_ratio: float = 0.4
+    image_masking: Literal["block", "random"] = "block"
+
+
+def random_masking(num_patches: int, ratio: float, rng: random.Random) -> torch.Tensor:
+    """(P,) bool with exactly ``round(ratio · P)`` True entries, uniformly placed."""
+    mask = torch.zeros(num_patches, dtype=torch.bool)
+    mask[rng.sample(range(num_patches), round(ratio * num_patches))] = True
+    return mask
 
 
 @dataclass
@@ -189,7 +199,12 @@ class StreamDataset(IterableDataset):
         if kind != "image" and text_tokenizer is None:
             raise ValueError(f"data.{kind}: a text tokenizer is needed (set text_tokenizer)")
         ratio = self.scfg.image_mask_ratio
-        self.masking = BlockMasking.from_ratio(self.grid, ratio, cfg.min_mask_patches) if ratio > 0 else None
+        if ratio <= 0:
+            self.masking = None
+        elif self.scfg.image_masking == "random":
+            self.masking = lambda rng: random_masking(self.grid * self.grid, ratio, rng)
+        else:
+            self.masking = BlockMasking.from_ratio(self.grid, ratio, cfg.min_mask_patches)
 
     def __iter__(self):
         info = get_worker_info()

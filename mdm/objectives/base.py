@@ -33,6 +33,8 @@ class Objective(nn.Module):
 
     name: ClassVar[str] = ""
     stream: ClassVar[str] = ""
+    #: Whether the batch must carry ``image_tokens`` (visual codes from the frozen tokenizer).
+    needs_visual_tokens: ClassVar[bool] = False
 
     def share(self, attr: str, module: nn.Module) -> None:
         """Stores ``module`` as ``self.<attr>`` without registering it as a submodule.

@@ -45,6 +45,8 @@ class ClsMaskedImageModeling(Objective):
         codebook_size: size of the own head when ``shared_head`` is False.
     """
 
+    needs_visual_tokens = True
+
     name = "cls_mim"
     stream = "image"
 

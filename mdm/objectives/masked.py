@@ -89,6 +89,8 @@ class MaskedImageModeling(Objective):
         head: the (shared) visual-token head; held by reference, see :meth:`Objective.share`.
     """
 
+    needs_visual_tokens = True
+
     name = "mim"
     stream = "image"
 
@@ -146,6 +148,8 @@ class MaskedVisionLanguageModeling(Objective):
         image_head: the shared visual-token head.
         text_head: the shared MLM head.
     """
+
+    needs_visual_tokens = True
 
     name = "mvlm"
     stream = "pair"

@@ -87,12 +87,13 @@ def _load_tokenizers(cfg: PretrainConfig, device: torch.device):
     return visual, text
 
 
-def _prepare_fn(visual, num_patches: int):
-    """Fills visual tokens of image and pair batches with the frozen tokenizer."""
+def _prepare_fn(visual, num_patches: int, streams: set[str]):
+    """Fills visual tokens of the ``streams`` batches (those whose objectives need codes) with the frozen
+    tokenizer."""
 
     def prepare(batches: dict[str, Any]) -> dict[str, Any]:
         out = dict(batches)
-        for stream in ("image", "pair"):
+        for stream in streams:
             b = out.get(stream)
             if b is not None and b.get("image_tokens") is None:
                 if visual is None:
@@ -159,6 +160,7 @@ def build_run(cfg: PretrainConfig) -> Trainer:
         world_size=strategy.world_size,
         seed=cfg.train.seed,
     )
+    token_streams = {o.stream for o in model.objectives.values() if o.needs_visual_tokens}
     strategy.configure(cfg.data.micro_batch_size(), cfg.train.grad_accum, cfg.optim.clip_grad)
     return Trainer(
         model,
@@ -168,7 +170,7 @@ def build_run(cfg: PretrainConfig) -> Trainer:
         cfg.train,
         cfg.optim,
         cfg.logging,
-        prepare=_prepare_fn(visual, cfg.model.num_patches),
+        prepare=_prepare_fn(visual, cfg.model.num_patches, token_streams),
         flops_per_batch=_flops_fn(cfg.model),
         samples_per_batch=_samples_fn,
         run_config=to_dict(cfg),
