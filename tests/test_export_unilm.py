@@ -273,3 +273,16 @@ def test_synthetic_key_list_matches_torchscale():
             for k, v in unilm_backbone(normalize, torch.Generator()).items()
         }
         assert ours == ref
+
+
+def test_pretraining_checkpoint_exports_backbone_without_objective_heads(tmp_path):
+    sd = unilm_checkpoint("pretrained", seed=4)
+    ckpt = _training_checkpoint(tmp_path / "run", sd)
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state["model"].update(
+        {"heads.mim.weight": torch.randn(8192, D), "objectives.cls_mim.blocks.0.w": torch.ones(3)}
+    )
+    torch.save(state, ckpt / "state.pt")
+    out = tmp_path / "pt.pth"
+    assert mdm_main(["export", "--checkpoint", str(ckpt), "--format", "unilm", "--out", str(out)]) == 0
+    assert_identical(sd, torch.load(out, weights_only=True)["model"])

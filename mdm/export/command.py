@@ -24,6 +24,8 @@ from mdm.export.source import ExportSource, load_export_source
 log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "unilm", "timm", "onnx")
+#: Parameter prefixes of mdm's pretraining model outside the backbone (MIM/MLM heads, objective blocks).
+PRETRAIN_PREFIXES = ("heads.", "objectives.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +61,15 @@ def _export_unilm(src: ExportSource, out: Path) -> str:
     from mdm.export.unilm import check_unilm_layout, export_unilm, unilm_model_name, unilm_variant
 
     check_unilm_layout(src.cfg)
+    # PretrainModel's own machinery (mdm.objectives.model) has no place in a unilm task checkpoint
+    internal = sorted(k for k in src.heads if k.startswith(PRETRAIN_PREFIXES))
+    if internal:
+        log.info(
+            "not exported to unilm (pretraining heads/objectives): %d tensors, e.g. %s",
+            len(internal),
+            internal[:3],
+        )
+        src.heads = {k: v for k, v in src.heads.items() if not k.startswith(PRETRAIN_PREFIXES)}
     if out.suffix not in (".pth", ".pt"):
         out = out / f"{unilm_model_name(src.cfg, unilm_variant(src.heads))}.pth"
     path, variant = export_unilm(src.cfg, src.backbone, src.heads, out)

@@ -52,12 +52,17 @@ class ExportSource:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def build_model(self):
-        """The backbone as a :class:`~mdm.models.MultiwayTransformer` in eval mode, weights loaded strictly."""
+        """The backbone as a :class:`~mdm.models.MultiwayTransformer` in eval mode, weights loaded strictly.
+
+        Built on the meta device and given the loaded tensors (``assign=True``): no time is spent on a
+        random init that would be overwritten (~20 s for beit3_base on a CPU).
+        """
         from mdm.models.multiway import MultiwayTransformer
 
-        model = MultiwayTransformer(self.cfg)
+        with torch.device("meta"):
+            model = MultiwayTransformer(self.cfg)
         try:
-            model.load_state_dict(self.backbone, strict=True)
+            model.load_state_dict(self.backbone, strict=True, assign=True)
         except RuntimeError as e:
             raise ValueError(f"{self.path}: backbone weights do not match its config: {e}") from None
         return model.eval()
