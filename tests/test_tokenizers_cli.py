@@ -131,6 +131,24 @@ def test_show_writes_one_png(vqkd_dir, tmp_path):
     assert img.width > 4 * 128 and img.height >= 2 * 128  # inputs and code maps (no pixel decoder)
 
 
+def test_dvae_train_eval_show(tmp_path, capsys):
+    out = tmp_path / "dvae"
+    tiny = ["dvae.img_size=32", "dvae.vocab_size=512", "dvae.hidden_dim=16", "dvae.decoder_init_dim=16",
+            "dvae.decoder_hidden_dim=16", "data.num_images=16", "data.demo_size=32", "optim.steps=3",
+            "optim.batch_size=4", "optim.eval_images=4"]  # fmt: skip
+    cfg = str(ROOT / "configs/tokenizer/dvae_demo.yaml")
+    assert main(["train", "--config", cfg, f"out_dir={out}", *tiny, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--tokenizer", str(out), "--demo", "4"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["mse"] <= 1 and "teacher_cosine" not in metrics
+    assert (
+        main(["show", "--tokenizer", str(out), "--demo", "2", "--num", "2", "--out", str(tmp_path / "s.png")])
+        == 0
+    )
+    assert Image.open(tmp_path / "s.png").height >= 3 * 128  # inputs, reconstructions, code maps
+
+
 def test_image_files_are_converted_or_named(tmp_path):
     rgb = Image.new("RGB", (9, 7), (10, 200, 30))
     cases = {
@@ -196,8 +214,15 @@ def test_teachers_are_pluggable(tmp_path):
 
 @pytest.mark.slow
 def test_demo_vqkd_reaches_90_percent_usage(tmp_path):
-    """The acceptance run at reduced size: held-out codebook usage ≥ 90 % with the demo defaults."""
-    cfg = load_config(TokenizerTrainConfig, ROOT / "configs/tokenizer/vqkd_demo.yaml",
-                      [f"out_dir={tmp_path / 'vqkd'}", "optim.steps=150", "data.num_images=512"])  # fmt: skip
+    """The acceptance run at reduced size (32 px, 4×4 codes, 128 codes): the demo's quantizer defaults
+    (k-means++ init, D²-sampled dead-code restarts) reach ≥ 90 % held-out codebook usage."""
+    small = [
+        "vqkd.img_size=32", "vqkd.codebook_size=128", "teacher.img_size=32", "data.demo_size=32",
+        "teacher.kwargs={img_size: 32, patch_size: 8, embed_dim: 96, depth: 2, num_heads: 3}",
+        "data.num_images=1024", "optim.steps=150",
+    ]  # fmt: skip
+    cfg = load_config(
+        TokenizerTrainConfig, ROOT / "configs/tokenizer/vqkd_demo.yaml", [f"out_dir={tmp_path}", *small]
+    )
     metrics = train_tokenizer(cfg, progress=False)
     assert metrics["usage"] >= 0.9, metrics
