@@ -17,8 +17,17 @@ from torch import nn
 from mdm.models.config import ModelConfig
 from mdm.models.layers.attention import MultiwayAttention
 from mdm.models.layers.embeddings import POS_OFFSET, PatchEmbed, resize_vision_pos_table
-from mdm.models.layers.ffn import FeedForward, drop_path
-from mdm.models.layers.multiway import Multiway, maybe_multiway, route
+from mdm.models.layers.ffn import FeedForward, drop_path_scale
+from mdm.models.layers.multiway import (
+    TEXT,
+    VISION,
+    Multiway,
+    join_parts,
+    maybe_multiway,
+    part_kinds,
+    route_parts,
+    split_parts,
+)
 
 
 class MultiwayBlock(nn.Module):
@@ -46,16 +55,42 @@ class MultiwayBlock(nn.Module):
         else:
             self.gamma_attn = self.gamma_ffn = None
 
-    def forward(self, x: torch.Tensor, n_vision: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, N, D) → (B, N, D); ``mask`` as in :class:`MultiwayAttention`."""
-        a = self.attn(route(self.attn_norm, x, n_vision), n_vision, mask)
-        if self.gamma_attn is not None:
-            a = a * self.gamma_attn
-        x = x + drop_path(a, self.drop_path_rate, self.training)
-        f = self.ffn(x, n_vision)
-        if self.gamma_ffn is not None:
-            f = f * self.gamma_ffn
-        return x + drop_path(f, self.drop_path_rate, self.training)
+    def forward(
+        self, x: torch.Tensor | list[torch.Tensor], n_vision: int, mask: torch.Tensor | None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """(B, N, D) → (B, N, D); ``mask`` as in :class:`MultiwayAttention`.
+
+        ``x`` may also be the sequence's modality parts ``[vision (B, n_vision, D), text (B, T, D)]`` (or
+        one of them), as the encoder keeps them between layers; the result is then parts alike.
+        """
+        if isinstance(x, torch.Tensor):
+            parts, kinds = split_parts(x, n_vision)
+            return join_parts(self.forward_parts(parts, kinds, mask))
+        return self.forward_parts(list(x), part_kinds(len(x), n_vision), mask)
+
+    def forward_parts(
+        self, parts: list[torch.Tensor], kinds: tuple[str, ...], mask: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """The layer on modality parts: ``x + attn(norm(x))``, then ``x + ffn(x)``, per part."""
+        h = route_parts(self.attn_norm, parts, kinds)
+        parts = self._residual(parts, self.attn.forward_parts(h, kinds, mask), self.gamma_attn)
+        return self._residual(parts, route_parts(self.ffn, parts, kinds), self.gamma_ffn)
+
+    def _residual(
+        self, xs: list[torch.Tensor], branch: list[torch.Tensor], gamma: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """``x + drop_path(gamma * branch)`` per part, with one stochastic-depth draw per sample."""
+        scale = None
+        if self.training and self.drop_path_rate > 0.0:
+            scale = drop_path_scale(xs[0], self.drop_path_rate)  # (B, 1, 1), shared by the parts
+        out = []
+        for x, b in zip(xs, branch):
+            if gamma is not None:
+                b = b * gamma
+            if scale is not None:
+                b = b * scale
+            out.append(x + b)
+        return out
 
 
 class MultiwayTransformer(nn.Module):
@@ -218,29 +253,33 @@ class MultiwayTransformer(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Encodes image, text or both; see :meth:`forward`. With ``return_hidden`` also returns the
         output of every layer (before the final norm)."""
-        parts, n_vision = [], 0
+        parts: list[torch.Tensor] = []
+        kinds: list[str] = []
         if image is not None:
-            parts.append(self.embed_image(image, image_mask, visible_index))
-            n_vision = parts[0].shape[1]
+            parts.append(self.embed_image(image, image_mask, visible_index))  # (B, n_vision, D)
+            kinds.append(VISION)
         if text is not None:
-            parts.append(self.embed_text(text, text_padding_mask))
+            parts.append(self.embed_text(text, text_padding_mask))  # (B, T, D)
+            kinds.append(TEXT)
         elif text_padding_mask is not None:
             raise ValueError("text_padding_mask given without text")
         if not parts:
             raise ValueError("give an image, a text, or both")
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, N, D)
-        B, N, _ = x.shape
-        mask = self._attention_mask(B, n_vision, N, text_padding_mask, attn_mask, x.device)
+        # The residual stream stays split by modality (see mdm.models.layers.multiway); joined at the end.
+        B, N = parts[0].shape[0], sum(p.shape[1] for p in parts)
+        n_vision = parts[0].shape[1] if image is not None else 0
+        mask = self._attention_mask(B, n_vision, N, text_padding_mask, attn_mask, parts[0].device)
         hidden: list[torch.Tensor] = []
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, n_vision, mask, use_reentrant=False)
+                parts = torch.utils.checkpoint.checkpoint(layer, parts, n_vision, mask, use_reentrant=False)
             else:
-                x = layer(x, n_vision, mask)
+                parts = layer(parts, n_vision, mask)
             if return_hidden:
-                hidden.append(x)
+                hidden.append(join_parts(parts))
         if self.norm is not None:
-            x = self.norm(x, n_vision)
+            parts = route_parts(self.norm, parts, tuple(kinds))
+        x = join_parts(parts)  # (B, N, D)
         return (x, hidden) if return_hidden else x
 
     def forward(
@@ -263,6 +302,4 @@ class MultiwayTransformer(nn.Module):
             image_mask: (B, P) bool, patches replaced by the [MASK] embedding (masked image modeling).
             visible_index: (B, K) long, encode only these patches (MAE).
         """
-        return self.forward_features(
-            image, text, text_padding_mask, attn_mask, image_mask, visible_index
-        )  # type: ignore[return-value]
+        return self.forward_features(image, text, text_padding_mask, attn_mask, image_mask, visible_index)  # type: ignore[return-value]

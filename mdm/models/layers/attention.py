@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdm.models.layers.multiway import maybe_multiway, route
+from mdm.models.layers.multiway import Multiway, join_parts, maybe_multiway, route_parts, split_parts
 
 
 class MultiwayAttention(nn.Module):
@@ -42,9 +42,7 @@ class MultiwayAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
         self.qkv = maybe_multiway(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), multiway)
-        self.inner_norm = (
-            maybe_multiway(lambda: nn.LayerNorm(dim, eps=norm_eps), multiway) if subln else None
-        )
+        self.inner_norm = maybe_multiway(lambda: nn.LayerNorm(dim, eps=norm_eps), multiway) if subln else None
         self.out_proj = maybe_multiway(lambda: nn.Linear(dim, dim), multiway)
 
     def forward(self, x: torch.Tensor, n_vision: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,12 +53,27 @@ class MultiwayAttention(nn.Module):
             n_vision: routing (see :mod:`mdm.models.layers.multiway`).
             mask: boolean, broadcastable to (B, H, N, N); True where attention is allowed.
         """
-        B, N, D = x.shape
-        qkv = route(self.qkv, x, n_vision)  # (B, N, 3D)
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, H, N, hd)
+        parts, kinds = split_parts(x, n_vision)
+        return join_parts(self.forward_parts(parts, kinds, mask))
+
+    def forward_parts(
+        self, parts: list[torch.Tensor], kinds: tuple[str, ...], mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """:meth:`forward` on the sequence held as modality parts (B, N_i, D); returns parts alike."""
+        B, D = parts[0].shape[0], parts[0].shape[-1]
+        lens = [p.shape[1] for p in parts]
+        N = sum(lens)
+        if len(parts) > 1 and not isinstance(self.qkv, Multiway):
+            qkv = self.qkv(torch.cat(parts, dim=1))  # shared: join the D-wide inputs, not 3D-wide outputs
+        else:
+            qkv = join_parts(route_parts(self.qkv, parts, kinds))  # (B, N, 3D)
+        # split, not view+permute+unbind: the backward is then one concatenation instead of stack + clone
+        q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in qkv.split(D, dim=-1))
+        # q, k, v: (B, H, N, hd) views of qkv
         drop = self.attn_drop if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, H, N, hd)
-        o = o.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        o = o.transpose(1, 2)  # (B, N, H, hd), a view
+        outs = [c.reshape(B, n, D) for c, n in zip(o.split(lens, dim=1), lens)]  # one copy per part
         if self.inner_norm is not None:
-            o = route(self.inner_norm, o, n_vision)
-        return route(self.out_proj, o, n_vision)
+            outs = route_parts(self.inner_norm, outs, kinds)
+        return route_parts(self.out_proj, outs, kinds)

@@ -38,6 +38,15 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole residual branches per sample with probability ``p``, rescale the rest."""
     if p == 0.0 or not training:
         return x
+    return x * drop_path_scale(x, p)
+
+
+def drop_path_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The per-sample factor of :func:`drop_path`, (B, 1, ..., 1): 0 with probability ``p``, else 1/(1-p).
+
+    Draw it once and apply it to every modality part of a residual branch, so that a sample's vision and
+    text tokens are dropped together.
+    """
     keep = 1.0 - p
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+    return x.new_empty(shape).bernoulli_(keep).div_(keep)

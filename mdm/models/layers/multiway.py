@@ -5,14 +5,20 @@ The sequence is laid out vision first, then text. Routing is the integer ``n_vis
 input and ``n_vision == 0`` text-only. It is an argument of every ``forward``, never state set on modules
 before a call (torchscale pushes a split position into modules with ``apply``; that is not re-entrant and
 breaks under ``torch.compile``).
+
+Inside the encoder the residual stream of joint input is kept as two tensors, the vision and the text
+tokens (``parts``), and each expert runs on its own contiguous tensor: no slice copies before the experts,
+no concatenation after them. The tokens are joined only where they must meet, in attention.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+VISION, TEXT = "vision", "text"
 
 
 class Multiway(nn.Module):
@@ -40,6 +46,12 @@ class Multiway(nn.Module):
             return self.vl(x)
         return torch.cat([self.vision(x[:, :n_vision]), self.text(x[:, n_vision:])], dim=1)
 
+    def expert(self, kind: str, joint: bool) -> nn.Module:
+        """The expert for tokens of ``kind`` (``"vision"``/``"text"``); joint input goes to ``vl`` if any."""
+        if joint and self.vl is not None:
+            return self.vl
+        return self.vision if kind == VISION else self.text
+
 
 def route(module: nn.Module, x: torch.Tensor, n_vision: int) -> torch.Tensor:
     """Applies ``module`` to ``x``: routed if it is :class:`Multiway`, shared by all tokens otherwise."""
@@ -51,3 +63,34 @@ def route(module: nn.Module, x: torch.Tensor, n_vision: int) -> torch.Tensor:
 def maybe_multiway(make: Callable[[], nn.Module], multiway: bool, with_vl: bool = False) -> nn.Module:
     """``Multiway(make)`` when ``multiway`` else a single shared ``make()``."""
     return Multiway(make, with_vl=with_vl) if multiway else make()
+
+
+def split_parts(x: torch.Tensor, n_vision: int) -> tuple[list[torch.Tensor], tuple[str, ...]]:
+    """(B, N, ...) → its modality parts (views) and their kinds: ``[vision, text]`` for joint input."""
+    n = x.shape[1]
+    if n_vision >= n:
+        return [x], (VISION,)
+    if n_vision <= 0:
+        return [x], (TEXT,)
+    return [x[:, :n_vision], x[:, n_vision:]], (VISION, TEXT)
+
+
+def join_parts(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`split_parts`: the parts concatenated along the sequence, (B, N, ...)."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
+
+
+def part_kinds(n_parts: int, n_vision: int) -> tuple[str, ...]:
+    """Kinds of ``n_parts`` modality parts: ``(vision, text)`` for two, else by ``n_vision > 0``."""
+    if n_parts == 2:
+        return (VISION, TEXT)
+    return (VISION,) if n_vision > 0 else (TEXT,)
+
+
+def route_parts(module: nn.Module, parts: Sequence[torch.Tensor], kinds: Sequence[str]) -> list[torch.Tensor]:
+    """Applies ``module`` to each part on its own: its expert for that kind if it is :class:`Multiway`
+    (the VL expert for both parts of joint input when it has one), the shared module otherwise."""
+    if isinstance(module, Multiway):
+        joint = len(parts) > 1
+        return [module.expert(kind, joint)(p) for p, kind in zip(parts, kinds)]
+    return [module(p) for p in parts]
