@@ -106,6 +106,8 @@ def mask_text(
     out = ids.clone()
     target = torch.zeros(B, T, dtype=torch.bool)
     special = set(special_ids)
+    if set(range(vocab_size)) <= special:  # only reached for tiny vocabularies; avoids an endless redraw
+        raise ValueError(f"mask_text: no id in [0, {vocab_size}) outside the special ids {sorted(special)}")
     for b in range(B):
         cand = [t for t in range(T) if not padding_mask[b, t] and int(ids[b, t]) not in special]
         if not cand:

@@ -39,6 +39,7 @@ from mdm.tokenizers.data import IMAGE_EXTS, ImageReadError, decode_image
 log = logging.getLogger(__name__)
 KINDS = ("image", "text", "pair")
 DEFAULT_TEXT_MASK = {"text": 0.15, "pair": 0.5}
+MAX_REJECTED_PER_BATCH = 10_000  # a stream that only skips is misconfigured: fail instead of spinning
 
 
 @dataclass
@@ -141,13 +142,18 @@ class _Cursor:
         n = len(self.shards)
         if self.mode == "resample":
             return self.shards[random.Random(f"{self.seed}/{self.slot}/{seq}").randrange(n)]
-        mine = max(1, -(-n // self.n_slots) if n >= self.n_slots else 1)
+        # partition: every epoch shuffles all shards with the same seed on every slot, then deals them
+        # round-robin (slot s gets order[s], order[s + n_slots], ...): disjoint whenever n >= n_slots
+        mine = len(range(self.slot % n if n < self.n_slots else self.slot, n, max(self.n_slots, 1)))
         epoch, k = divmod(seq, mine)
         order = list(range(n))
         random.Random(f"{self.seed}/epoch{epoch}").shuffle(order)
-        return self.shards[order[(self.slot * mine + k) % n]]
+        if n < self.n_slots:  # fewer shards than slots: slots share shards
+            return self.shards[order[self.slot % n]]
+        return self.shards[order[self.slot + k * self.n_slots]]
 
     def next_raw(self, skipped: dict[str, int]) -> dict[str, bytes]:
+        fruitless = 0  # shards in a row that gave no sample
         while True:
             if self._it is None:
                 self._it = iter_tar_samples(self._shard_at(self.seq), self.offset)
@@ -160,6 +166,13 @@ class _Cursor:
             except TruncatedShard as e:
                 skipped["truncated_tar"] = skipped.get("truncated_tar", 0) + 1
                 log.warning("skipped the rest of a shard: %s", e)
+            if self.offset == 0:
+                fruitless += 1
+                if fruitless > 2 * len(self.shards) + 8:
+                    raise RuntimeError(
+                        f"no readable sample in {fruitless} shards in a row (e.g. {self._shard_at(self.seq)}); "
+                        "are the shards empty or corrupt?"
+                    )
             self._it, self.seq, self.offset = None, self.seq + 1, 0
 
     def state(self) -> tuple[int, int]:
@@ -225,12 +238,19 @@ class StreamDataset(IterableDataset):
             batches, skipped = pos["batches"], dict(pos["skipped"])
         weights = [s.weight for s in self.scfg.sources]
         while True:
-            samples = []
+            samples, rejected = [], 0
             while len(samples) < self.scfg.batch_size:
                 src = mix.choices(range(len(cursors)), weights)[0] if len(cursors) > 1 else 0
                 sample = self._decode(cursors[src].next_raw(skipped), mix, skipped)
                 if sample is not None:
                     samples.append(sample)
+                    continue
+                rejected += 1
+                if rejected > MAX_REJECTED_PER_BATCH:
+                    raise RuntimeError(
+                        f"data.{self.kind}: {rejected} samples in a row were unusable ({skipped}); "
+                        "check the shards (mdm data shards reports what it skipped in index.json)"
+                    )
             batch = self._collate(samples, random.Random(f"{base}/batch/{slot}/{batches}"))
             batches += 1
             position = {
