@@ -7,7 +7,7 @@
 # config or on the command line; mdm reads the launcher's environment, so no --local_rank argument is
 # passed (--no_local_rank).
 #
-#   HOSTFILE=hosts launch/deepspeed.sh pretrain --config configs/pretrain/beit3_large.yaml distributed.zero_stage=2
+#   HOSTFILE=hosts launch/deepspeed.sh pretrain --config configs/pretrain/beit3_base_mdm.yaml model.arch=beit3_large distributed.zero_stage=2
 #   NUM_GPUS=4 launch/deepspeed.sh finetune --config configs/finetune/nlvr2_base.yaml   # this machine only
 #
 # Environment (defaults in brackets):

@@ -6,7 +6,7 @@
 # NODE_RANK. The config decides DDP or DeepSpeed ZeRO (distributed.zero_stage); torchrun only starts
 # the processes and sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
 #
-#   NPROC_PER_NODE=8 launch/torchrun.sh pretrain --config configs/pretrain/beit3_base.yaml
+#   NPROC_PER_NODE=8 launch/torchrun.sh pretrain --config configs/pretrain/beit3_base_mdm.yaml
 #   # two nodes (run on each, NODE_RANK=0 on the node whose address is MASTER_ADDR):
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NPROC_PER_NODE=8 \
 #       launch/torchrun.sh finetune --config configs/finetune/vqav2_base.yaml data.root=/data/vqav2

@@ -121,3 +121,17 @@ def test_without_dry_run_prints_launch_commands(capsys):
     out = capsys.readouterr().out
     assert "NNODES=4 NODE_RANK=<r>" in out and "launch/torchrun.sh finetune --config" in out
     assert "sbatch --nodes=4 --gpus-per-node=8 launch/slurm.sbatch" in out and "train.steps=10" in out
+
+
+def test_shipped_pretrain_config_gives_batches_and_lengths_from_its_data_section():
+    from mdm.config.core import read_yaml
+
+    path = "configs/pretrain/beit3_base_mdm.yaml"
+    data = read_yaml(path)["data"]
+    plan = build_plan(path, 8, 8)
+    assert plan.micro_batch == {k: data[k]["batch_size"] for k in ("image", "text", "pair")}
+    tokens = {p.name: (p.batch, p.tokens) for p in plan.passes}
+    P = plan.model.num_patches
+    assert tokens["text: mlm"] == (data["text"]["batch_size"], data["text"]["max_text_len"])
+    assert tokens["pair: mvlm"] == (data["pair"]["batch_size"], 1 + P + data["pair"]["max_text_len"])
+    assert tokens["image: mim"] == (data["image"]["batch_size"], 1 + P)

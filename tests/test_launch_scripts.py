@@ -147,3 +147,43 @@ def test_scripts_print_usage():
             [str(ROOT / "launch" / script), "--help"], capture_output=True, text=True, check=True
         )
         assert "pretrain|finetune" in out.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_runs_a_tiny_mdm_pretrain(tmp_path):
+    """The real command: `mdm pretrain` on tiny shards, 2 "nodes" × 1 process through launch/torchrun.sh."""
+    from tests.pretrain_fixtures import build_world, pretrain_overrides
+
+    world = build_world(tmp_path / "world")
+    out = tmp_path / "run"
+    args = [
+        "pretrain",
+        "--config",
+        "configs/pretrain/test_tiny.yaml",
+        *pretrain_overrides(world, out, steps=2),
+    ]
+    args += ["train.ckpt_every=0", "distributed.strategy=ddp", "logging.every=1"]
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [str(ROOT / "launch" / "torchrun.sh"), *args],
+            env=_env(
+                tmp_path,
+                MDM=f"{sys.executable} -m mdm.cli",
+                NNODES="2",
+                NODE_RANK=str(rank),
+                NPROC_PER_NODE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),  # fmt: skip
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    _wait(procs, timeout=300)
+    meta = json.loads((out / "checkpoints" / "step-00000002" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["strategy"] == "ddp"
+    assert (out / "model" / "model.safetensors").is_file()

@@ -1,6 +1,6 @@
 """``mdm launch``: plan a multi-node run, or print the commands that start it.
 
-    mdm launch --dry-run --nodes 8 --gpus-per-node 8 --config configs/pretrain/beit3_base.yaml
+    mdm launch --dry-run --nodes 8 --gpus-per-node 8 --config configs/pretrain/beit3_base_mdm.yaml
     mdm launch --nodes 2 --gpus-per-node 8 --config configs/finetune/vqav2_base.yaml   # print commands
 
 ``--dry-run`` builds the model on the meta device and prints parameters per expert, the work and

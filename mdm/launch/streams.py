@@ -42,24 +42,19 @@ def _stream_batch(data: Any, stream: str, given: Mapping[str, int], notes: list[
     if stream in given:
         notes.append(f"{stream} stream: micro-batch {given[stream]} from --batch")
         return int(given[stream])
-    value, path = lookup(
-        data,
-        f"{stream}.batch_size",
-        f"{stream}_batch_size",
-        f"batch_size.{stream}",
-        f"streams.{stream}.batch_size",
-    )
+    value, _ = lookup(data, f"{stream}.batch_size")
     if value is None:
         raise ValueError(
-            f"no micro-batch size for the {stream} stream in the config's data section "
-            f"(looked for data.{stream}.batch_size); pass --batch {stream}=N"
+            f"no micro-batch size for the {stream} stream: the config has no data.{stream} section; "
+            f"pass --batch {stream}=N"
         )
-    notes.append(f"{stream} stream: micro-batch {value} from data.{path}")
+    notes.append(f"{stream} stream: micro-batch {value} from data.{stream}.batch_size")
     return int(value)
 
 
-def _ratio(data: Any, default: float, *paths: str) -> float:
-    value, _ = lookup(data, *paths)
+def _stream_value(data: Any, stream: str, key: str, default: float) -> float:
+    """``data.<stream>.<key>`` (:class:`mdm.data.streams.StreamConfig`), or ``default`` when unset."""
+    value, _ = lookup(data, f"{stream}.{key}")
     return float(value) if value is not None else default
 
 
@@ -69,10 +64,6 @@ def pretrain_passes(
     """Passes of one micro-batch of ``mdm pretrain`` and the micro-batch of each stream."""
     m, data, obj = cfg.model, cfg.data, cfg.objectives
     P = m.num_patches
-    text_len, where = lookup(data, "text.max_text_len", "max_text_len", "text_len", "text.max_len")
-    T = int(text_len) if text_len is not None else DEFAULT_TEXT_LEN
-    if where is None:
-        notes.append(f"text length {T} (BEiT-3 default; none in the data section)")
     passes: list[EncoderPass] = []
     micro: dict[str, int] = {}
     for name in obj.objectives:
@@ -83,9 +74,8 @@ def pretrain_passes(
         if stream not in micro:
             micro[stream] = _stream_batch(data, stream, given, notes)
         B = micro[stream]
-        r_img = _ratio(
-            data, DEFAULT_RATIOS["image"], f"{stream}.mask_ratio", "image.mask_ratio", "mim_mask_ratio"
-        )
+        T = int(_stream_value(data, stream, "max_text_len", DEFAULT_TEXT_LEN))
+        r_img = _stream_value(data, stream, "image_mask_ratio", DEFAULT_RATIOS["image"])
         if name in ("mim", "cls_mim"):
             passes.append(encoder_pass(m, f"image: {name}", B, 1 + P, [(r_img * P, obj.codebook_size)]))
             if name == "cls_mim":  # BEiT v2: extra blocks over [last CLS, early patches] + the MIM head again
@@ -104,12 +94,11 @@ def pretrain_passes(
                             logits=[(obj.mae_mask_ratio * P, pixels)])
             )  # fmt: skip
         elif name == "mlm":
-            r = _ratio(data, DEFAULT_RATIOS["text"], "text.mask_ratio", "mlm_mask_ratio", "text.mlm_prob")
+            r = _stream_value(data, "text", "text_mask_ratio", DEFAULT_RATIOS["text"])
             passes.append(encoder_pass(m, "text: mlm", B, T, [(r * T, m.vocab_size)]))
         elif name == "mvlm":
-            r_t = _ratio(data, DEFAULT_RATIOS["pair_text"], "pair.text_mask_ratio", "mvlm_text_mask_ratio")
-            r_i = _ratio(data, DEFAULT_RATIOS["pair_image"], "pair.image_mask_ratio", "pair.mask_ratio")
-            logits = [(r_t * T, m.vocab_size), (r_i * P, obj.codebook_size)]
+            r_t = _stream_value(data, "pair", "text_mask_ratio", DEFAULT_RATIOS["pair_text"])
+            logits = [(r_t * T, m.vocab_size), (r_img * P, obj.codebook_size)]
             passes.append(encoder_pass(m, "pair: mvlm", B, 1 + P + T, logits))
     return passes, micro
 
