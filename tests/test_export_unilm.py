@@ -286,3 +286,34 @@ def test_pretraining_checkpoint_exports_backbone_without_objective_heads(tmp_pat
     out = tmp_path / "pt.pth"
     assert mdm_main(["export", "--checkpoint", str(ckpt), "--format", "unilm", "--out", str(out)]) == 0
     assert_identical(sd, torch.load(out, weights_only=True)["model"])
+
+
+def _task_models():
+    from mdm.models import create_model
+    from mdm.tasks.classification import ClassificationModel
+    from mdm.tasks.nlvr2 import NLVR2Model
+    from mdm.tasks.retrieval import RetrievalModel
+    from mdm.tasks.vqav2 import VQAModel
+
+    def backbone(**kw):
+        return create_model(
+            "beit3_tiny", depth=DEPTH, img_size=32, vocab_size=VOCAB, max_text_positions=1024, **kw
+        )
+
+    return {
+        "vqav2": lambda: VQAModel(backbone(normalize_output=False), 3129),
+        "nlvr2": lambda: NLVR2Model(backbone()),
+        "retrieval": lambda: RetrievalModel(backbone()),
+        "imageclassification": lambda: ClassificationModel(backbone(normalize_output=False), 1000),
+    }
+
+
+@pytest.mark.parametrize("variant", ["vqav2", "nlvr2", "retrieval", "imageclassification"])
+def test_mdm_task_models_have_unilm_head_names_and_load_unilm_checkpoints(variant):
+    """mdm's task models (mdm.tasks) hold exactly unilm's head tensors, so a unilm checkpoint loads
+    strictly into them and a fine-tuned model exports back unchanged."""
+    make = _task_models()[variant]
+    sd = unilm_checkpoint(variant, seed=5)
+    model = make()
+    model.load_state_dict(unilm_to_task_state_dict(sd), strict=True)
+    assert_identical(sd, task_state_dict_to_unilm(model.state_dict()))
