@@ -317,3 +317,45 @@ def test_mdm_task_models_have_unilm_head_names_and_load_unilm_checkpoints(varian
     model = make()
     model.load_state_dict(unilm_to_task_state_dict(sd), strict=True)
     assert_identical(sd, task_state_dict_to_unilm(model.state_dict()))
+
+
+def test_safetensors_export_keeps_a_fine_tuned_directory_usable(tmp_path):
+    """A fine-tuned model directory (mdm.tasks.io) keeps its heads and task metadata through export."""
+    from mdm.tasks.io import read_task_meta
+
+    sd = unilm_checkpoint("retrieval", seed=6)
+    torch.save({"model": sd}, tmp_path / "in.pth")
+    assert mdm_main(["import", "unilm", str(tmp_path / "in.pth"), str(tmp_path / "m")]) == 0
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta.update(task={"name": "retrieval"}, data={"image_size": 32}, task_state={})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
+    assert (
+        mdm_main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "m"),
+                "--format",
+                "safetensors",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 0
+    )
+    assert read_task_meta(tmp_path / "e")["task"] == {"name": "retrieval"}
+    assert (
+        mdm_main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "e"),
+                "--format",
+                "unilm",
+                "--out",
+                str(tmp_path / "r.pth"),
+            ]
+        )
+        == 0
+    )
+    assert_identical(sd, torch.load(tmp_path / "r.pth", weights_only=True)["model"])

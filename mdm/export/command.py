@@ -50,6 +50,11 @@ def _export_safetensors(src: ExportSource, out: Path) -> str:
 
     model = src.build_model()
     extra = {"source": {"format": src.kind, "path": src.path}}
+    if src.kind == "model-dir":  # keep what else config.json holds (a fine-tuned model's task, labels...)
+        extra = {
+            **{k: v for k, v in src.meta.items() if k not in ("format", "format_version", "model")},
+            **extra,
+        }
     save_pretrained(model, out, extra=extra, state_dict=src.backbone)
     if src.heads:
         save_safetensors_atomic(src.heads, out / "heads.safetensors")
