@@ -35,7 +35,7 @@ def test_every_objective_learns(world, tmp_path):
         start = sum(r[key] for r in first) / 2
         end = sum(r[key] for r in last) / 2
         assert end < 0.8 * start, f"{key}: {start:.3f} -> {end:.3f}"
-    for key in ("loss", "lr", "samples_per_s", "mfu", "mim_acc", "mlm_acc"):
+    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "mim_acc", "mlm_acc"):
         assert key in rows[-1]
     assert (tmp_path / "model" / "model.safetensors").exists()
 

@@ -99,6 +99,7 @@ class Trainer:
         prepare: called on each batch after it is moved to the device (e.g. fills visual tokens).
         flops_per_batch: model FLOPs (forward + backward) of one micro-batch, for the MFU estimate.
         samples_per_batch: samples in one micro-batch on one rank.
+        tokens_per_batch: encoder tokens in one micro-batch on one rank (for ``tokens_per_s``).
         run_config: the resolved config, saved with every checkpoint.
         hooks: called with the trainer after every optimizer step (e.g. periodic evaluation).
     """
@@ -115,6 +116,7 @@ class Trainer:
         prepare: Callable[[Any], Any] | None = None,
         flops_per_batch: Callable[[Any], float] | None = None,
         samples_per_batch: Callable[[Any], int] | None = None,
+        tokens_per_batch: Callable[[Any], int] | None = None,
         run_config: dict | None = None,
         hooks: list[Callable[[Trainer], None]] | None = None,
     ) -> None:
@@ -124,6 +126,8 @@ class Trainer:
         self.prepare = prepare or (lambda b: b)
         self.flops_per_batch = flops_per_batch
         self.samples_per_batch = samples_per_batch or _count_samples
+        self.tokens_per_batch = tokens_per_batch
+        self._tokens_window = 0
         self.run_config = run_config or {}
         self.hooks = list(hooks or [])
         self.out = Path(train.out_dir)
@@ -190,6 +194,8 @@ class Trainer:
             elif isinstance(v, (int, float)):
                 acc[k] = acc.get(k, 0.0) + float(v) / self.train.grad_accum
         flops = self.flops_per_batch(batch) if self.flops_per_batch else 0.0
+        if self.tokens_per_batch is not None:
+            self._tokens_window += self.tokens_per_batch(batch)
         return True, self.samples_per_batch(batch), flops
 
     def _handle_bad_step(self) -> None:

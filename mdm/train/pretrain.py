@@ -106,24 +106,30 @@ def _prepare_fn(visual, num_patches: int, streams: set[str]):
     return prepare
 
 
-def _flops_fn(model_cfg: ModelConfig):
-    def flops(batches: dict[str, Any]) -> float:
-        seqs = []
-        for b in batches.values():
-            if not isinstance(b, dict):
-                continue
-            n, bsz = 0, None
-            if b.get("image") is not None:
-                bsz = b["image"].shape[0]
-                n += 1 + model_cfg.num_patches
-            if b.get("text") is not None:
-                bsz = b["text"].shape[0]
-                n += b["text"].shape[1]
-            if bsz:
-                seqs.append((bsz, n))
-        return train_step_flops(model_cfg, seqs)
+def _sequences(model_cfg: ModelConfig, batches: dict[str, Any]) -> list[tuple[int, int]]:
+    """(batch size, encoder sequence length) of each stream's batch."""
+    seqs = []
+    for b in batches.values():
+        if not isinstance(b, dict):
+            continue
+        n, bsz = 0, None
+        if b.get("image") is not None:
+            bsz = b["image"].shape[0]
+            n += 1 + model_cfg.num_patches
+        if b.get("text") is not None:
+            bsz = b["text"].shape[0]
+            n += b["text"].shape[1]
+        if bsz:
+            seqs.append((bsz, n))
+    return seqs
 
-    return flops
+
+def _flops_fn(model_cfg: ModelConfig):
+    return lambda batches: train_step_flops(model_cfg, _sequences(model_cfg, batches))
+
+
+def _tokens_fn(model_cfg: ModelConfig):
+    return lambda batches: sum(b * n for b, n in _sequences(model_cfg, batches))
 
 
 def _samples_fn(batches: dict[str, Any]) -> int:
@@ -173,6 +179,7 @@ def build_run(cfg: PretrainConfig) -> Trainer:
         prepare=_prepare_fn(visual, cfg.model.num_patches, token_streams),
         flops_per_batch=_flops_fn(cfg.model),
         samples_per_batch=_samples_fn,
+        tokens_per_batch=_tokens_fn(cfg.model),
         run_config=to_dict(cfg),
     )
 
