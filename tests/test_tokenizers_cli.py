@@ -61,6 +61,7 @@ def shards(tmp_path_factory) -> Path:
         "000004.png": _png(rgb.resize((37, 51))),  # odd size
     }
     _write_tar(root / "train-000000.tar", members)
+    (root / "index.json").write_text('{"kind": "pair", "shards": ["train-000000.tar"]}')
     return root
 
 

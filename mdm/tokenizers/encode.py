@@ -7,7 +7,8 @@ resized to the tokenizer's resolution. A pretraining run whose augmentation keep
 must be computed online on the same crop. Beside the shards, ``tokens.json`` records the tokenizer
 (``tokenizer_id``, kind, codebook size, grid, resolution, member name and dtype).
 
-Shards are rewritten atomically: to ``out_dir`` with the same file names, or in place.
+Shards are rewritten atomically: to ``out_dir`` with the same file names (the shard set's
+``index.json`` is copied along), or in place.
 """
 
 from __future__ import annotations
@@ -134,4 +135,15 @@ def encode_shards(
     }
     where = out_dir if out_dir is not None else shards[0].parent
     atomic_write_bytes(where / TOKENS_JSON, (json.dumps(info, indent=2) + "\n").encode())
+    _copy_shard_index(shards, out_dir)
     return info
+
+
+def _copy_shard_index(shards: list[Path], out_dir: Path | None) -> None:
+    """Copies the shard set's ``index.json`` (``mdm data shards``) to ``out_dir``: same shards, same counts."""
+    if out_dir is None:
+        return
+    for folder in sorted({s.parent for s in shards}):
+        index = folder / "index.json"
+        if index.exists() and not (out_dir / "index.json").exists():
+            atomic_write_bytes(out_dir / "index.json", index.read_bytes())

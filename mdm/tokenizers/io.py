@@ -131,7 +131,9 @@ def load(tok_dir: str | Path, map_location: str | torch.device = "cpu") -> Any:
     meta = read_meta(tok_dir)
     source = str(tok_dir / CONFIG)
     if meta["kind"] == "sentencepiece":
-        return TextTokenizer((tok_dir / SPM).read_bytes(), **meta["config"])
+        text = TextTokenizer((tok_dir / SPM).read_bytes(), **meta["config"])
+        text.tokenizer_id = meta.get("tokenizer_id", "")
+        return text
     cls = TOKENIZERS.get(meta["kind"])
     tok: VisualTokenizer = cls.from_config(meta["config"], source=source)
     weights = tok_dir / WEIGHTS
