@@ -25,3 +25,4 @@ if __name__ == "__main__":
             out = backbone(image=image, text=text)
         if trainer.strategy.is_main:
             torch.save({"image": image, "text": text, "out": out}, out_file)
+    trainer.strategy.close()

@@ -121,6 +121,12 @@ class Strategy:
             dist.all_reduce(t)
         return t
 
+    def close(self) -> None:
+        """Tears down the process group (gloo aborts at interpreter exit when it is left alive)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def any_rank(self, flag: bool) -> bool:
         """True if ``flag`` is True on any rank (keeps NaN-skips consistent across ranks)."""
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)

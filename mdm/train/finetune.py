@@ -146,6 +146,7 @@ def run_finetune(cfg, metrics_json: str | None = None) -> dict[str, float]:
     )
     trainer.fit()
     if trainer.step < cfg.train.steps:
+        strategy.close()
         return {}
     metrics = task.evaluate(trainer.model, val_loader())
     full = strategy.full_state_dict()
@@ -164,6 +165,7 @@ def run_finetune(cfg, metrics_json: str | None = None) -> dict[str, float]:
         if metrics_json:
             Path(metrics_json).parent.mkdir(parents=True, exist_ok=True)
             Path(metrics_json).write_text(json.dumps(metrics, indent=2) + "\n")
+    strategy.close()
     return metrics
 
 

@@ -235,4 +235,5 @@ def main(argv: list[str]) -> int:
         if model_dir is not None:
             summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k.endswith(("_loss", "_acc")))
             print(f"pretraining done: step {trainer.step}; {summary}\nbackbone: {model_dir}")
+    trainer.strategy.close()
     return 0
