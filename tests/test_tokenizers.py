@@ -57,7 +57,7 @@ def test_dvae_matches_dall_e_package():
 
 
 @pytest.mark.parity
-def test_dall_e_pickle_import_refuses_without_consent_and_matches_with_it(tmp_path):
+def test_dall_e_pickle_import_refuses_without_consent_and_matches_with_it(tmp_path, capsys):
     dall_e, enc, dec = _dall_e_pair()
     torch.save(enc, tmp_path / "encoder.pkl")  # the official files are pickled modules like these
     torch.save(dec, tmp_path / "decoder.pkl")
@@ -74,6 +74,22 @@ def test_dall_e_pickle_import_refuses_without_consent_and_matches_with_it(tmp_pa
     )
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(tok.encode(x), enc(dall_e.map_pixels(x)).argmax(1))
+    from mdm.tokenizers.cli import main
+
+    args = [
+        "import",
+        "dall-e",
+        "--encoder",
+        str(tmp_path / "encoder.pkl"),
+        "--out",
+        str(tmp_path / "d"),
+        "--img-size",
+        "32",
+    ]
+    assert main(args) == 2 and not (tmp_path / "d").exists()  # refused, nothing written
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main([*args, "--decoder", str(tmp_path / "decoder.pkl"), "--allow-pickle"]) == 0
+    assert torch.equal(load(tmp_path / "d").encode(x), tok.encode(x))
     encoder_only = load_dall_e_pickles(tmp_path / "encoder.pkl", None, allow_pickle=True, img_size=32)
     assert not encoder_only.can_decode
     with pytest.raises(NotImplementedError, match="no decoder"):
