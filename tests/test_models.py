@@ -130,6 +130,22 @@ def test_shared_versus_multiway_attention_parameters():
     assert touched(g, "attn.qkv.vision") and touched(g, "attn.qkv.text")
 
 
+@pytest.mark.parametrize("name", ["beit3_tiny", "vlmo_tiny"])
+def test_block_on_a_tensor_equals_block_on_modality_parts(name):
+    """A layer called on the joined (B, N, D) sequence (the public form) and on the per-modality parts
+    the encoder keeps between layers gives the same result, for joint and single-modality input."""
+    model = tiny(name, vl_ffn_layers=1 if name.startswith("vlmo") else 0).eval()
+    x = torch.randn(2, 5 + 7, 64)
+    for layer in model.layers:
+        for n_vision in (5, 12, 0):
+            joined = layer(x, n_vision, None)
+            parts = [x[:, :n_vision], x[:, n_vision:]]
+            parts = [p for p in parts if p.shape[1] > 0]
+            split = layer([p.contiguous() for p in parts], n_vision, None)
+            assert isinstance(joined, torch.Tensor) and isinstance(split, list) and len(split) == len(parts)
+            torch.testing.assert_close(torch.cat(split, dim=1), joined, rtol=0, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ training features
 
 
