@@ -150,6 +150,18 @@ def test_dvae_train_eval_show(tmp_path, capsys):
     assert Image.open(tmp_path / "s.png").height >= 3 * 128  # inputs, reconstructions, code maps
 
 
+def test_training_state_is_saved_and_resumed(tmp_path, caplog):
+    out = tmp_path / "vqkd"
+    args = ["train", "--config", str(ROOT / "configs/tokenizer/vqkd_demo.yaml"), f"out_dir={out}", *TINY_VQKD]
+    assert main([*args, "optim.steps=2", "optim.save_every=2", "--no-progress"]) == 0
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 2
+    with caplog.at_level("INFO", logger="mdm.tokenizers.train"):
+        assert main([*args, "optim.steps=4", "optim.save_every=2", "--resume", "--no-progress"]) == 0
+    assert "resumed from" in caplog.text and "at step 2" in caplog.text
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == 4
+
+
 def test_image_files_are_converted_or_named(tmp_path):
     rgb = Image.new("RGB", (9, 7), (10, 200, 30))
     cases = {
