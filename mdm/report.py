@@ -82,3 +82,50 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def image_rows(
+    rows: Sequence[tuple[str, Sequence[Any]]],
+    path: str | Path,
+    cell: int = 96,
+    pad: int = 4,
+    label_width: int = 150,
+    captions: Sequence[str] | None = None,
+) -> Path:
+    """Saves a grid of images, one labelled row per ``(label, images)``; images are float (3, H, W)
+    tensors in [0, 1] or PIL images, enlarged to ``cell`` pixels without smoothing.
+
+    Args:
+        rows: the rows, top to bottom.
+        path: output PNG.
+        cell: side of one tile.
+        pad: gap between tiles.
+        label_width: width of the row-label column.
+        captions: optional text under each column (one per column).
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    def tile(img: Any) -> Image.Image:
+        if not isinstance(img, Image.Image):
+            arr = (img.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+            img = Image.fromarray(np.ascontiguousarray(arr))
+        return img.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+
+    cols = max(len(images) for _, images in rows)
+    cap_h = 14 if captions else 0
+    width = label_width + cols * (cell + pad) + pad
+    height = len(rows) * (cell + pad) + pad + cap_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        y = pad + r * (cell + pad)
+        draw.text((pad, y + cell // 2 - 6), label, fill=(0, 0, 0))
+        for c, img in enumerate(images):
+            canvas.paste(tile(img), (label_width + pad + c * (cell + pad), y))
+    for c, text in enumerate(captions or []):
+        draw.text((label_width + pad + c * (cell + pad), height - cap_h), text[: cell // 6], fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

@@ -1,0 +1,262 @@
+"""``mdm demo``: the whole mission on data that ships with mdm, in minutes on a CPU, with a report.
+
+    mdm demo [--out mdm-demo] [--seed 0] [--quick]
+
+Stages (each runs the real command through its ``main(argv)``, printed as a ``$ mdm ...`` line):
+
+1. write the demo world (:func:`mdm.data.demo.write_demo_dataset`): rendered scenes with captions in
+   COCO format, VQAv2, NLVR2 and Karpathy retrieval files, a text corpus;
+2. ``mdm data shards``: image, pair and text WebDataset shards;
+3. ``mdm tokenizer train-text`` (SentencePiece) and ``mdm tokenizer train`` (VQ-KD);
+4. ``mdm tokenizer encode``: visual codes into the image and pair shards;
+5. ``mdm pretrain``: a tiny VLMo with MIM + MLM + MVLM (``configs/pretrain/demo_vlmo.yaml``);
+6. ``mdm finetune``: VQAv2, NLVR2 and retrieval, from the pretrained backbone and from scratch, with
+   the same config and seed (``configs/finetune/demo_*.yaml``);
+7. ``mdm export``: the pretrained backbone and the fine-tuned models as safetensors model directories;
+8. the report: ``<out>/report.md`` with curves, tokenizer pictures, masked predictions and the table of
+   downstream metrics, which is also printed.
+
+Everything is seeded: the same ``--seed`` on the same machine gives the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MARKER = "mdm-demo.json"  # written into --out; a directory without it is never deleted
+TASKS = ("vqav2", "nlvr2", "retrieval")
+INITS = ("pretrained", "scratch")
+
+
+class DemoError(RuntimeError):
+    """A stage failed; the message names the stage and the command."""
+
+
+@dataclass
+class Plan:
+    """Sizes and per-command overrides of one demo run (``--quick`` shrinks everything).
+
+    Attributes:
+        quick: the smoke-test variant.
+        sizes: the demo world (a :class:`~mdm.data.demo.DemoSizes`).
+        text_vocab: SentencePiece pieces requested.
+        tokenizer: overrides of ``configs/tokenizer/demo_vqkd.yaml``.
+        pretrain: overrides of ``configs/pretrain/demo_vlmo.yaml``.
+        finetune: overrides of every ``configs/finetune/demo_*.yaml``.
+    """
+
+    quick: bool
+    sizes: object
+    text_vocab: int = 400
+    tokenizer: list[str] = field(default_factory=list)
+    pretrain: list[str] = field(default_factory=list)
+    finetune: list[str] = field(default_factory=list)
+
+
+def make_plan(quick: bool) -> Plan:
+    """The full demo, or the ``--quick`` smoke test (same pipeline, tiny sizes and step counts)."""
+    from mdm.data.demo import FULL, QUICK
+
+    if not quick:
+        return Plan(False, FULL)
+    return Plan(
+        True,
+        QUICK,
+        text_vocab=300,
+        tokenizer=["optim.steps=20", "optim.batch_size=32", "optim.eval_images=32", "optim.log_every=10"],
+        pretrain=["train.steps=30", "optim.warmup_steps=5", "logging.every=5"],
+        finetune=["epochs=2", "warmup_epochs=0.5", "logging.every=2"],
+    )
+
+
+def configs_dir() -> Path:
+    """The shipped ``configs/`` folder (next to the ``mdm`` package in a source checkout)."""
+    path = Path(__file__).resolve().parents[1] / "configs"
+    if not (path / "pretrain" / "demo_vlmo.yaml").is_file():
+        raise DemoError(
+            f"{path}: the demo configs are missing; run mdm demo from a source checkout (pip install -e .)"
+        )
+    return path
+
+
+def run_command(argv: list[str]) -> None:
+    """Runs ``mdm <argv>`` in this process and raises :class:`DemoError` if it fails."""
+    from mdm.cli import main as mdm_main
+
+    print("$ mdm " + " ".join(argv), flush=True)
+    code = mdm_main(list(argv))
+    if code != 0:
+        raise DemoError(f"`mdm {' '.join(argv)}` exited with code {code}")
+
+
+class Stages:
+    """Prints a banner per stage and keeps the wall time of each."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.times = total, 0, {}
+        self.start = time.perf_counter()
+
+    def run(self, name: str, fn: Callable[[], object]) -> object:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        bar = "=" * 100
+        print(
+            f"\n{bar}\n[{self.done}/{self.total}] {name}   (demo time so far {_fmt(elapsed)})\n{bar}",
+            flush=True,
+        )
+        t = time.perf_counter()
+        result = fn()
+        self.times[name] = time.perf_counter() - t
+        print(f"--- {name}: {_fmt(self.times[name])}", flush=True)
+        return result
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _fmt(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{seconds % 60:04.1f}"
+
+
+def prepare_out(out: Path, args: argparse.Namespace) -> None:
+    """Empties a previous demo directory (never a directory mdm did not create) and marks ``out``."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise DemoError(
+                f"{out} exists, is not empty and was not written by mdm demo; choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"seed": args.seed, "quick": args.quick}) + "\n")
+
+
+def stage_data(out: Path, plan: Plan, seed: int) -> dict:
+    from mdm.data.demo import write_demo_dataset
+
+    manifest = write_demo_dataset(out / "data", plan.sizes, seed)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "sizes"}))
+    return manifest
+
+
+def stage_shards(out: Path) -> None:
+    d, s = out / "data", out / "shards"
+    many = ["--max-count", "1000000"]  # one shard per kind: a single file reads in the same order everywhere
+    run_command(["data", "shards", "--from", "coco", "--captions", f"{d}/pretrain/captions_train2014.json",
+                 "--images", f"{d}/pretrain/train2014", "--out", f"{s}/pair", *many])  # fmt: skip
+    run_command(
+        [
+            "data",
+            "shards",
+            "--from",
+            "folder",
+            "--images",
+            f"{d}/pretrain/images",
+            "--out",
+            f"{s}/image",
+            *many,
+        ]
+    )
+    run_command(
+        ["data", "shards", "--from", "text", "--text", f"{d}/corpus.txt", "--out", f"{s}/text", *many]
+    )
+
+
+def stage_tokenizers(out: Path, plan: Plan, seed: int, cfg: Path) -> None:
+    run_command(["tokenizer", "train-text", "--input", f"{out}/data/corpus.txt", "--out", f"{out}/tokenizers/text",
+                 "--vocab-size", str(plan.text_vocab), "--embedding-rows", "512"])  # fmt: skip
+    run_command(["tokenizer", "train", "--config", f"{cfg}/tokenizer/demo_vqkd.yaml",
+                 f"data.paths=[{out}/data/pretrain/images]", f"out_dir={out}/tokenizers/visual", f"seed={seed}",
+                 *plan.tokenizer])  # fmt: skip
+    run_command(["tokenizer", "encode", "--tokenizer", f"{out}/tokenizers/visual",
+                 "--shards", f"{out}/shards/image", f"{out}/shards/pair", "--in-place"])  # fmt: skip
+
+
+def stage_pretrain(out: Path, plan: Plan, seed: int, cfg: Path) -> None:
+    s = out / "shards"
+    run_command(["pretrain", "--config", f"{cfg}/pretrain/demo_vlmo.yaml",
+                 f"data.image.sources=[{{shards: [{s}/image]}}]", f"data.pair.sources=[{{shards: [{s}/pair]}}]",
+                 f"data.text.sources=[{{shards: [{s}/text]}}]", f"text_tokenizer={out}/tokenizers/text",
+                 f"visual_tokenizer={out}/tokenizers/visual", f"train.out_dir={out}/pretrain", f"train.seed={seed}",
+                 *plan.pretrain])  # fmt: skip
+
+
+def stage_finetune(out: Path, plan: Plan, seed: int, cfg: Path) -> dict[str, dict[str, dict[str, float]]]:
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for task in TASKS:
+        for init in INITS:
+            run_dir = out / "finetune" / f"{task}-{init}"
+            source = f"{out}/pretrain/model" if init == "pretrained" else "scratch"
+            print(f"\n--- fine-tuning {task} from {init}", flush=True)
+            run_command(["finetune", "--config", f"{cfg}/finetune/demo_{task}.yaml",
+                         "--metrics-json", f"{run_dir}/metrics.json", f"data.root={out}/data/{task}",
+                         f"init={source}", f"text_tokenizer={out}/tokenizers/text", f"train.out_dir={run_dir}",
+                         f"train.seed={seed}", *plan.finetune])  # fmt: skip
+            results.setdefault(task, {})[init] = json.loads((run_dir / "metrics.json").read_text())
+    (out / "finetune" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def stage_export(out: Path) -> list[str]:
+    run_command(["export", "--checkpoint", f"{out}/pretrain", "--format", "safetensors",
+                 "--out", f"{out}/export/pretrained"])  # fmt: skip
+    written = [f"{out}/export/pretrained"]
+    for task in TASKS:
+        dest = f"{out}/export/{task}"
+        run_command(["export", "--checkpoint", f"{out}/finetune/{task}-pretrained/model", "--format", "safetensors",
+                     "--out", dest])  # fmt: skip
+        written.append(dest)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mdm demo",
+        description="Tokenizers → pretraining → fine-tuning (pretrained vs scratch) → export → report, "
+        "on demo data generated by mdm. A few minutes on 2 CPU cores (--quick: about a minute).",
+    )
+    p.add_argument("--out", default="mdm-demo", help="output directory (default: mdm-demo/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
+    p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)"
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``mdm demo``."""
+    import torch
+
+    from mdm.data.demo.report import print_table, write_report
+
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    out, plan = Path(args.out), make_plan(args.quick)
+    try:
+        cfg = configs_dir()
+        prepare_out(out, args)
+        st = Stages(total=7)
+        st.run("demo data", lambda: stage_data(out, plan, args.seed))
+        st.run("shards", lambda: stage_shards(out))
+        st.run("tokenizers", lambda: stage_tokenizers(out, plan, args.seed, cfg))
+        st.run("pretraining", lambda: stage_pretrain(out, plan, args.seed, cfg))
+        results = st.run("fine-tuning", lambda: stage_finetune(out, plan, args.seed, cfg))
+        exported = st.run("export", lambda: stage_export(out))
+        report = st.run(
+            "report",
+            lambda: write_report(out, results, exported, st.times, args.seed, plan.quick, run_command),
+        )
+    except DemoError as e:
+        print(f"mdm demo: {e}", file=sys.stderr)
+        return 1
+    print(f"\nmdm demo finished in {_fmt(st.elapsed)}; report: {report}\n")
+    print_table(results)
+    return 0
