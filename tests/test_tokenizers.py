@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -152,7 +154,16 @@ def test_dvae_training_loss_terms():
     with torch.no_grad():
         tok.encoder.blocks.output.conv.w.zero_()
         tok.encoder.blocks.output.conv.b.zero_()
-    assert float(tok(torch.rand(1, 3, 32, 32), generator=g)["kl"]) == pytest.approx(0.0, abs=1e-5)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        uniform = tok(x, generator=g, diversity_weight=1.0)
+    assert float(uniform["kl"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(uniform["diversity_loss"]) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():  # every position certain of code 7: KL = log K, diversity loss = its weight
+        tok.encoder.blocks.output.conv.b[7] = 100.0
+        collapsed = tok(x, generator=g, diversity_weight=0.5)
+    assert float(collapsed["kl"]) == pytest.approx(math.log(512), rel=1e-4)
+    assert float(collapsed["diversity_loss"]) == pytest.approx(0.5, rel=1e-4)
 
 
 def test_quantizer_kmeans_init_ema_and_unit_codebook():

@@ -69,6 +69,7 @@ class DVAETrainConfig:
         kl_weight: (start, end) of the KL weight β, raised with a cosine.
         kl_warmup_steps: steps over which β goes from start to end.
         recon: reconstruction likelihood: DALL-E's logit-Laplace, or plain MSE.
+        diversity_weight: weight of the batch-level code diversity loss (0 = the DALL-E objective).
     """
 
     temperature: tuple[float, float] = (1.0, 1.0 / 16)
@@ -76,6 +77,7 @@ class DVAETrainConfig:
     kl_weight: tuple[float, float] = (0.0, 6.6)
     kl_warmup_steps: int = 5_000
     recon: Literal["logit_laplace", "mse"] = "logit_laplace"
+    diversity_weight: float = 0.0
 
 
 @dataclass

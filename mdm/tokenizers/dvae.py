@@ -202,12 +202,15 @@ class DVAE(VisualTokenizer):
         kl_weight: float = 0.0,
         recon: str = "logit_laplace",
         generator: torch.Generator | None = None,
+        diversity_weight: float = 0.0,
     ) -> dict[str, torch.Tensor]:
-        """Training losses on [0, 1] images: ``{"loss", "recon_loss", "kl_loss", "mse", "logits"}``.
+        """Training losses on [0, 1] images: ``{"loss", "recon_loss", "kl_loss", "diversity_loss", ...}``.
 
         ``loss`` is the per-dimension negative ELBO: mean reconstruction NLL plus
         ``kl_weight * KL(q(z|x) || uniform)`` summed over code positions and divided by the number of
-        pixel values, so both terms are on one scale.
+        pixel values, so both terms are on one scale. ``diversity_weight`` adds wav2vec 2.0's diversity
+        loss (Baevski et al., 2020), ``1 - H(mean q) / log K`` over the batch: it keeps the encoder from
+        sending every position to one code, which small models on simple images otherwise do early on.
         """
         x = self.prepare(images)  # (B, 3, H, W) in [eps, 1 - eps]
         logits = self.encoder(x)  # (B, K, h, w)
@@ -224,12 +227,16 @@ class DVAE(VisualTokenizer):
         kl = (log_q.exp() * (log_q + math.log(self.codebook_size))).sum(dim=1)  # (B, h, w)
         recon_loss = nll.mean()
         kl_loss = kl_weight * kl.sum() / nll.numel()
+        mean_q = log_q.exp().mean(dim=(0, 2, 3))  # (K,) aggregate posterior of the batch
+        entropy = -(mean_q * mean_q.clamp_min(1e-12).log()).sum()
+        diversity_loss = diversity_weight * (1 - entropy / math.log(self.codebook_size))
         with torch.no_grad():
             mse = (unmap_pixels(torch.sigmoid(mu)) - unmap_pixels(x)).pow(2).mean()
         return {
-            "loss": recon_loss + kl_loss,
+            "loss": recon_loss + kl_loss + diversity_loss,
             "recon_loss": recon_loss,
             "kl_loss": kl_loss,
+            "diversity_loss": diversity_loss,
             "kl": kl.mean().detach(),
             "mse": mse,
             "codes": logits.argmax(dim=1).detach(),

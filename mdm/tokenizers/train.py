@@ -90,7 +90,14 @@ def _step_loss(
         t = cfg.dvae_train
         tau = cosine_ramp(step, t.temperature_steps, *t.temperature)
         beta = cosine_ramp(step, t.kl_warmup_steps, *t.kl_weight)
-        out = tok(images, temperature=tau, kl_weight=beta, recon=t.recon, generator=g)
+        out = tok(
+            images,
+            temperature=tau,
+            kl_weight=beta,
+            recon=t.recon,
+            generator=g,
+            diversity_weight=t.diversity_weight,
+        )
         out["tau"], out["kl_weight"] = torch.tensor(tau), torch.tensor(beta)
         return out
     assert teacher is not None
