@@ -280,6 +280,9 @@ class Trainer:
             samples_per_s=samples * world / max(dt, 1e-9),
             skipped_steps=self.bad_total,
         )
+        if self.tokens_per_batch is not None:
+            row["tokens_per_s"] = self._tokens_window * world / max(dt, 1e-9)
+            self._tokens_window = 0
         if flops and self.peak_tflops:
             achieved = flops / max(dt, 1e-9) / 1e12
             row.update(tflops_per_device=achieved, mfu=achieved / self.peak_tflops)
