@@ -232,7 +232,7 @@ def test_demo_vqkd_reaches_90_percent_usage(tmp_path):
     small = [
         "vqkd.img_size=32", "vqkd.codebook_size=128", "teacher.img_size=32", "data.demo_size=32",
         "teacher.kwargs={img_size: 32, patch_size: 8, embed_dim: 96, depth: 2, num_heads: 3}",
-        "data.num_images=1024", "optim.steps=150",
+        "data.num_images=1024", "optim.steps=150", "optim.eval_images=512",
     ]  # fmt: skip
     cfg = load_config(
         TokenizerTrainConfig, ROOT / "configs/tokenizer/vqkd_demo.yaml", [f"out_dir={tmp_path}", *small]

@@ -65,13 +65,20 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def build_for_training(
     cfg: TokenizerTrainConfig, teacher_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 ) -> tuple[VisualTokenizer, Teacher | None]:
-    """The tokenizer to train and, for VQ-KD, its teacher (whose width sets ``vqkd.teacher_dim``)."""
+    """The tokenizer to train and, for VQ-KD, its teacher (whose width sets ``vqkd.teacher_dim``).
+
+    The initial weights depend only on ``cfg.seed``; the global RNG is left as it was.
+    """
     if cfg.kind == "dvae":
-        return DVAE(cfg.dvae), None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return DVAE(cfg.dvae), None
     teacher = build_teacher(cfg.teacher, fn=teacher_fn)
     if cfg.vqkd.teacher_dim <= 0:
         cfg.vqkd.teacher_dim = teacher.feature_dim()
-    return VQKD(cfg.vqkd), teacher
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return VQKD(cfg.vqkd), teacher
 
 
 def eval_images(data: ImageDataConfig, size: int, n: int, seed: int) -> torch.Tensor:
