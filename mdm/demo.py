@@ -7,11 +7,13 @@ Stages (each runs the real command through its ``main(argv)``, printed as a ``$ 
 1. write the demo world (:func:`mdm.data.demo.write_demo_dataset`): rendered scenes with captions in
    COCO format, VQAv2, NLVR2 and Karpathy retrieval files, a text corpus;
 2. ``mdm data shards``: image, pair and text WebDataset shards;
-3. ``mdm tokenizer train-text`` (SentencePiece) and ``mdm tokenizer train`` (VQ-KD);
-4. ``mdm tokenizer encode``: visual codes into the image and pair shards;
+3. ``mdm tokenizer train-text``: a BPE SentencePiece model of the corpus;
+4. ``mdm tokenizer train`` (VQ-KD) and ``mdm tokenizer encode`` (visual codes into the shards);
 5. ``mdm pretrain``: a tiny VLMo with MIM + MLM + MVLM (``configs/pretrain/demo_vlmo.yaml``);
 6. ``mdm finetune``: VQAv2, NLVR2 and retrieval, from the pretrained backbone and from scratch, with
-   the same config and seed (``configs/finetune/demo_*.yaml``);
+   the same config and seed (``configs/finetune/demo_*.yaml``). With ``--jobs 2`` (the default on two
+   or more cores) the scratch runs, which need only the text tokenizer, run in child processes beside
+   stages 4–6 (logs in ``<out>/finetune/*-scratch.log``);
 7. ``mdm export``: the pretrained backbone and the fine-tuned models as safetensors model directories;
 8. the report: ``<out>/report.md`` with curves, tokenizer pictures, masked predictions and the table of
    downstream metrics, which is also printed.
@@ -23,12 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mdm.data.demo import DemoSizes
 
 MARKER = "mdm-demo.json"  # written into --out; a directory without it is never deleted
 TASKS = ("vqav2", "nlvr2", "retrieval")
@@ -53,8 +62,8 @@ class Plan:
     """
 
     quick: bool
-    sizes: object
-    text_vocab: int = 400
+    sizes: DemoSizes
+    text_vocab: int = 200
     tokenizer: list[str] = field(default_factory=list)
     pretrain: list[str] = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
@@ -69,7 +78,7 @@ def make_plan(quick: bool) -> Plan:
     return Plan(
         True,
         QUICK,
-        text_vocab=300,
+        text_vocab=200,
         tokenizer=["optim.steps=20", "optim.batch_size=32", "optim.eval_images=32", "optim.log_every=10"],
         pretrain=["train.steps=30", "optim.warmup_steps=5", "logging.every=5"],
         finetune=["epochs=2", "warmup_epochs=0.5", "logging.every=2"],
@@ -169,9 +178,12 @@ def stage_shards(out: Path) -> None:
     )
 
 
-def stage_tokenizers(out: Path, plan: Plan, seed: int, cfg: Path) -> None:
+def stage_text_tokenizer(out: Path, plan: Plan) -> None:
     run_command(["tokenizer", "train-text", "--input", f"{out}/data/corpus.txt", "--out", f"{out}/tokenizers/text",
-                 "--vocab-size", str(plan.text_vocab), "--embedding-rows", "512"])  # fmt: skip
+                 "--vocab-size", str(plan.text_vocab), "--model-type", "bpe", "--embedding-rows", "512"])  # fmt: skip
+
+
+def stage_visual_tokenizer(out: Path, plan: Plan, seed: int, cfg: Path) -> None:
     run_command(["tokenizer", "train", "--config", f"{cfg}/tokenizer/demo_vqkd.yaml",
                  f"data.paths=[{out}/data/pretrain/images]", f"out_dir={out}/tokenizers/visual", f"seed={seed}",
                  *plan.tokenizer])  # fmt: skip
@@ -188,18 +200,73 @@ def stage_pretrain(out: Path, plan: Plan, seed: int, cfg: Path) -> None:
                  *plan.pretrain])  # fmt: skip
 
 
-def stage_finetune(out: Path, plan: Plan, seed: int, cfg: Path) -> dict[str, dict[str, dict[str, float]]]:
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for task in TASKS:
-        for init in INITS:
-            run_dir = out / "finetune" / f"{task}-{init}"
-            source = f"{out}/pretrain/model" if init == "pretrained" else "scratch"
-            print(f"\n--- fine-tuning {task} from {init}", flush=True)
-            run_command(["finetune", "--config", f"{cfg}/finetune/demo_{task}.yaml",
-                         "--metrics-json", f"{run_dir}/metrics.json", f"data.root={out}/data/{task}",
-                         f"init={source}", f"text_tokenizer={out}/tokenizers/text", f"train.out_dir={run_dir}",
-                         f"train.seed={seed}", *plan.finetune])  # fmt: skip
-            results.setdefault(task, {})[init] = json.loads((run_dir / "metrics.json").read_text())
+def finetune_argv(out: Path, plan: Plan, seed: int, cfg: Path, task: str, init: str) -> list[str]:
+    """``mdm finetune`` arguments of one run; only ``init`` differs between pretrained and scratch."""
+    run_dir = out / "finetune" / f"{task}-{init}"
+    source = f"{out}/pretrain/model" if init == "pretrained" else "scratch"
+    return ["finetune", "--config", f"{cfg}/finetune/demo_{task}.yaml", "--metrics-json", f"{run_dir}/metrics.json",
+            f"data.root={out}/data/{task}", f"init={source}", f"text_tokenizer={out}/tokenizers/text",
+            f"train.out_dir={run_dir}", f"train.seed={seed}", *plan.finetune]  # fmt: skip
+
+
+class Background:
+    """Runs ``mdm`` commands one after another in child processes on a second core, output in log files.
+
+    Used for the scratch fine-tunings, which need only the text tokenizer and so run while the main process
+    trains the visual tokenizer and pretrains. Each child is single-threaded and seeded like an in-process
+    run, so results do not depend on where a run happens.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads, self.failed, self.seconds = threads, [], 0.0
+        self._thread: threading.Thread | None = None
+
+    def start(self, jobs: list[tuple[str, list[str], Path]]) -> None:
+        """Starts ``(name, argv, log file)`` jobs in order."""
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+
+        def work() -> None:
+            t = time.perf_counter()
+            for name, argv, log_file in jobs:
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                print(f"[background] started {name} (log: {log_file})", flush=True)
+                with log_file.open("w") as f:
+                    code = subprocess.call(
+                        [sys.executable, "-m", "mdm.cli", *argv], stdout=f, stderr=subprocess.STDOUT, env=env
+                    )
+                if code != 0:
+                    self.failed.append(f"{name} (exit code {code}, see {log_file})")
+                print(f"[background] {name}: {'done' if code == 0 else 'FAILED'}", flush=True)
+            self.seconds = time.perf_counter() - t
+
+        self._thread = threading.Thread(target=work, name="mdm-demo-background", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Waits for the jobs; raises :class:`DemoError` if one failed."""
+        if self._thread is not None:
+            if self._thread.is_alive():
+                print("waiting for the background fine-tunings ...", flush=True)
+            self._thread.join()
+        if self.failed:
+            raise DemoError("background run(s) failed: " + "; ".join(self.failed))
+
+
+def stage_finetune(out: Path, plan: Plan, seed: int, cfg: Path, runs: list[tuple[str, str]]) -> None:
+    for task, init in runs:
+        print(f"\n--- fine-tuning {task} from {init}", flush=True)
+        run_command(finetune_argv(out, plan, seed, cfg, task, init))
+
+
+def collect_results(out: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """``{task: {init: metrics}}`` from every run's ``metrics.json`` (also written to ``finetune/results.json``)."""
+    results = {
+        task: {
+            init: json.loads((out / "finetune" / f"{task}-{init}" / "metrics.json").read_text())
+            for init in INITS
+        }
+        for task in TASKS
+    }
     (out / "finetune" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -226,7 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (tiny models: 1 is fastest)"
+        "--threads", type=int, default=1, help="torch threads per process (tiny models: 1 is fastest)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes at once: with 2, the scratch fine-tunings run beside pretraining (default: min(2, cores))",
     )
     return p
 
@@ -239,20 +312,32 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    out, plan = Path(args.out), make_plan(args.quick)
+    out, plan, seed = Path(args.out), make_plan(args.quick), args.seed
+    scratch = [(task, "scratch") for task in TASKS]
+    pretrained = [(task, "pretrained") for task in TASKS]
+    background = Background(args.threads) if args.jobs > 1 else None
     try:
         cfg = configs_dir()
         prepare_out(out, args)
-        st = Stages(total=7)
-        st.run("demo data", lambda: stage_data(out, plan, args.seed))
+        st = Stages(total=8)
+        st.run("demo data", lambda: stage_data(out, plan, seed))
         st.run("shards", lambda: stage_shards(out))
-        st.run("tokenizers", lambda: stage_tokenizers(out, plan, args.seed, cfg))
-        st.run("pretraining", lambda: stage_pretrain(out, plan, args.seed, cfg))
-        results = st.run("fine-tuning", lambda: stage_finetune(out, plan, args.seed, cfg))
+        st.run("text tokenizer", lambda: stage_text_tokenizer(out, plan))
+        if background is not None:
+            jobs = [(f"{t} from {i}", finetune_argv(out, plan, seed, cfg, t, i) + ["logging.progress=false"],
+                     out / "finetune" / f"{t}-{i}.log") for t, i in scratch]  # fmt: skip
+            background.start(jobs)
+        st.run("visual tokenizer", lambda: stage_visual_tokenizer(out, plan, seed, cfg))
+        st.run("pretraining", lambda: stage_pretrain(out, plan, seed, cfg))
+        runs = pretrained if background is not None else pretrained + scratch
+        st.run("fine-tuning", lambda: stage_finetune(out, plan, seed, cfg, runs))
+        if background is not None:
+            background.wait()
+            st.times["scratch fine-tuning (background)"] = background.seconds
+        results = collect_results(out)
         exported = st.run("export", lambda: stage_export(out))
         report = st.run(
-            "report",
-            lambda: write_report(out, results, exported, st.times, args.seed, plan.quick, run_command),
+            "report", lambda: write_report(out, results, exported, st.times, seed, plan.quick, run_command)
         )
     except DemoError as e:
         print(f"mdm demo: {e}", file=sys.stderr)
