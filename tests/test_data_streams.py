@@ -108,7 +108,10 @@ def test_batch_contract_and_global_rng_untouched(world):
     assert (img["image_mask"].sum(1) <= round(0.4 * 16)).all() and img["image_mask"].any()
     assert "text" not in img and "image" not in text
     for b, ratio in ((text, 0.15), (pair, 0.5)):
-        assert b["text"].shape == b["text_input"].shape == b["text_mask"].shape == (4, 24)
+        # padded to the longest text of the batch (<= max_text_len 24), never beyond
+        longest = int((~b["text_padding_mask"]).sum(1).max())
+        assert b["text"].shape == b["text_input"].shape == b["text_mask"].shape == (4, longest)
+        assert 2 < longest <= 24
         assert not b["text_mask"][b["text_padding_mask"]].any()
         real = (~b["text_padding_mask"]).sum(1) - 2
         assert torch.equal(b["text_mask"].sum(1), (real * ratio).round().clamp(min=1).long())
