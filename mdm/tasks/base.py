@@ -35,6 +35,41 @@ log = logging.getLogger(__name__)
 TASKS: Registry = Registry("task")
 
 
+def summarise(
+    x: torch.Tensor, pool: str, n_vision: int, text_padding_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-modality summaries of a backbone output ``[CLS, patches | text]`` for a task head.
+
+    Args:
+        x: (B, n_vision + T, D) backbone output; ``n_vision`` = 1 + patches, or 0 for text alone.
+        pool: ``cls`` (vision [CLS] ``x[:, 0]``, text [bos] ``x[:, n_vision]``) or ``mean`` (mean of the
+            patch tokens; mean of the real text tokens).
+        n_vision: how many leading positions are vision tokens.
+        text_padding_mask: (B, T) bool, True at padding (None: no padding).
+
+    Returns:
+        (vision (B, D) or None without image, text (B, D) or None without text).
+    """
+    T = x.shape[1] - n_vision
+    vision = text = None
+    if pool == "cls":
+        vision = x[:, 0] if n_vision else None
+        text = x[:, n_vision] if T else None
+    elif pool == "mean":
+        vision = x[:, 1:n_vision].mean(1) if n_vision else None
+        if T:
+            words = x[:, n_vision:]
+            keep = (
+                torch.ones(words.shape[:2], dtype=words.dtype, device=words.device)
+                if text_padding_mask is None
+                else (~text_padding_mask).to(words.dtype)
+            ).unsqueeze(-1)  # (B, T, 1)
+            text = (words * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+    else:
+        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    return vision, text
+
+
 def trunc_normal_init(module: nn.Module) -> None:
     """unilm ``_init_weights`` for new heads: Linear ~ N(0, 0.02) truncated at ±0.02, bias 0; LayerNorm 1/0."""
     for m in module.modules():

@@ -89,6 +89,11 @@ class TaskConfig:
             after init (unilm uses 0.001).
         logit_scale_init: retrieval: initial temperature 1/τ (stored as its log; CLIP uses 1/0.07).
         eval_batch_text_chunk: retrieval: images scored against texts in chunks of this many images.
+        pool: vqav2 / nlvr2 / retrieval: what summarises a sequence for the head. ``cls``: the first token
+            of each modality (vision [CLS], text [bos]), as BEiT-3 and VLMo. ``mean``: the mean of the
+            patch tokens and of the real text tokens, as BEiT v1 fine-tunes classification — masked data
+            modeling never trains the [CLS] output directly, so a short fine-tuning of a small model
+            starts from more information with ``mean``.
     """
 
     name: TaskName = "vqav2"
@@ -97,6 +102,7 @@ class TaskConfig:
     head_init_scale: float = 0.001
     logit_scale_init: float = 1.0 / 0.07
     eval_batch_text_chunk: int = 1024
+    pool: Literal["cls", "mean"] = "cls"
 
 
 @dataclass

@@ -26,7 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from mdm.tasks.base import TASKS, Task, TaskModel, gather_records, run_inference, trunc_normal_init
+from mdm.tasks.base import (
+    TASKS,
+    Task,
+    TaskModel,
+    gather_records,
+    run_inference,
+    summarise,
+    trunc_normal_init,
+)
 from mdm.tasks.common import (
     Problems,
     TextTokenizer,
@@ -186,8 +194,9 @@ class NLVR2Model(TaskModel):
 
     HEAD_PREFIXES = ("head.",)
 
-    def __init__(self, backbone: nn.Module, init_scale: float = 0.001) -> None:
+    def __init__(self, backbone: nn.Module, init_scale: float = 0.001, pool: str = "cls") -> None:
         super().__init__(backbone)
+        self.pool = pool
         D = backbone.cfg.embed_dim
         self.head = TwoLayerMLP(4 * D, 2 * D, 2)
         trunc_normal_init(self.head)
@@ -204,7 +213,8 @@ class NLVR2Model(TaskModel):
         pad = torch.cat([batch["text_padding_mask"], batch["text_padding_mask"]])
         x = self.backbone(image=image, text=text, text_padding_mask=pad)  # (2B, n_vision + T, D)
         n_vision = x.shape[1] - text.shape[1]
-        pair = torch.cat([x[:, 0], x[:, n_vision]], dim=-1)  # (2B, 2D): vision [CLS] ‖ text [bos]
+        vision, words = summarise(x, self.pool, n_vision, pad)  # (2B, D) each: [CLS] / [bos] or means
+        pair = torch.cat([vision, words], dim=-1)  # (2B, 2D)
         return self.head(torch.cat([pair[:B], pair[B:]], dim=-1))  # (B, 4D) → (B, 2)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -227,7 +237,7 @@ class NLVR2Task(Task):
     DEFAULT_SPLITS = {"train_splits": ["train"], "val_split": "dev", "test_split": "test1"}
 
     def build_model(self, backbone: nn.Module) -> NLVR2Model:
-        return NLVR2Model(backbone, self.cfg.head_init_scale)
+        return NLVR2Model(backbone, self.cfg.head_init_scale, self.cfg.pool)
 
     def build_dataset(self, split: str, tokenizer: TextTokenizer | None) -> NLVR2Dataset:
         if tokenizer is None:

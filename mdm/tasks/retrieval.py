@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdm.distributed.ops import all_gather_with_grad
-from mdm.tasks.base import TASKS, Task, TaskModel, gather_records, run_inference, trunc_normal_init
+from mdm.tasks.base import (
+    TASKS,
+    Task,
+    TaskModel,
+    gather_records,
+    run_inference,
+    summarise,
+    trunc_normal_init,
+)
 from mdm.tasks.common import Problems, TextTokenizer, collate
 from mdm.tasks.retrieval_data import (
     RetrievalEvalDataset,
@@ -68,9 +76,16 @@ class RetrievalModel(TaskModel):
     """
 
     HEAD_PREFIXES = ("vision_head.", "language_head.", "logit_scale")
+    #: Task tensor ← pretraining head tensor (VLMo's ITC): ``mdm finetune`` starts from them when present.
+    PRETRAINED_HEADS = {
+        "vision_head.weight": "heads.itc.vision_head.weight",
+        "language_head.weight": "heads.itc.language_head.weight",
+        "logit_scale": "heads.itc.logit_scale",
+    }
 
-    def __init__(self, backbone: nn.Module, logit_scale_init: float = 1.0 / 0.07) -> None:
+    def __init__(self, backbone: nn.Module, logit_scale_init: float = 1.0 / 0.07, pool: str = "cls") -> None:
         super().__init__(backbone)
+        self.pool = pool
         D = backbone.cfg.embed_dim
         self.language_head = nn.Linear(D, D, bias=False)
         self.vision_head = nn.Linear(D, D, bias=False)
@@ -84,13 +99,16 @@ class RetrievalModel(TaskModel):
         return super().no_weight_decay() | {"logit_scale"}
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) → (B, D) unit vectors from the image [CLS]."""
-        return F.normalize(self.vision_head(self.backbone(image=image)[:, 0]), dim=-1)
+        """(B, 3, H, W) → (B, D) unit vectors from the image [CLS] (or the mean patch, ``pool="mean"``)."""
+        x = self.backbone(image=image)
+        vision, _ = summarise(x, self.pool, x.shape[1])
+        return F.normalize(self.vision_head(vision), dim=-1)
 
     def encode_text(self, text: torch.Tensor, text_padding_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) → (B, D) unit vectors from the text [bos]."""
+        """(B, T) → (B, D) unit vectors from the text [bos] (or the mean real token, ``pool="mean"``)."""
         x = self.backbone(text=text, text_padding_mask=text_padding_mask)
-        return F.normalize(self.language_head(x[:, 0]), dim=-1)
+        _, words = summarise(x, self.pool, 0, text_padding_mask)
+        return F.normalize(self.language_head(words), dim=-1)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         image = self.encode_image(batch["image"]).float()
@@ -168,7 +186,7 @@ class RetrievalTask(Task):
     DEFAULT_SPLITS = {"train_splits": ["train"], "val_split": "val", "test_split": "test"}
 
     def build_model(self, backbone: nn.Module) -> RetrievalModel:
-        return RetrievalModel(backbone, self.cfg.logit_scale_init)
+        return RetrievalModel(backbone, self.cfg.logit_scale_init, self.cfg.pool)
 
     def build_dataset(self, split: str, tokenizer: TextTokenizer | None):
         if tokenizer is None:

@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdm.tasks.base import TASKS, Task, TaskModel, gather_records, run_inference, trunc_normal_init
+from mdm.tasks.base import (
+    TASKS,
+    Task,
+    TaskModel,
+    gather_records,
+    run_inference,
+    summarise,
+    trunc_normal_init,
+)
 from mdm.tasks.common import Problems, TextTokenizer
 from mdm.tasks.vqa_eval import evaluate_vqa
 from mdm.tasks.vqav2_data import VQADataset, build_answer_vocab, read_vqa_split
@@ -56,8 +64,9 @@ class VQAModel(TaskModel):
 
     HEAD_PREFIXES = ("pooler.", "head.")
 
-    def __init__(self, backbone: nn.Module, num_answers: int) -> None:
+    def __init__(self, backbone: nn.Module, num_answers: int, pool: str = "cls") -> None:
         super().__init__(backbone)
+        self.pool = pool
         D = backbone.cfg.embed_dim
         self.pooler = Pooler(D)
         self.head = nn.Sequential(
@@ -71,7 +80,12 @@ class VQAModel(TaskModel):
         x = self.backbone(
             image=batch["image"], text=batch["text"], text_padding_mask=batch["text_padding_mask"]
         )
-        return self.head(self.pooler(x[:, 0]))  # vision [CLS] of the joint sequence
+        if self.pool == "cls":
+            return self.head(self.pooler(x[:, 0]))  # vision [CLS] of the joint sequence
+        vision, text = summarise(
+            x, self.pool, x.shape[1] - batch["text"].shape[1], batch["text_padding_mask"]
+        )
+        return self.head(self.pooler((vision + text) / 2))  # the mean of the two modalities' mean tokens
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Training losses: ``loss`` = ``vqa_loss``, plus ``vqa_score`` of the batch."""
@@ -105,7 +119,7 @@ class VQAv2Task(Task):
         return self._state["answers"]
 
     def build_model(self, backbone: nn.Module) -> VQAModel:
-        return VQAModel(backbone, len(self.answers))
+        return VQAModel(backbone, len(self.answers), self.cfg.pool)
 
     def build_dataset(self, split: str, tokenizer: TextTokenizer | None) -> VQADataset:
         if tokenizer is None:
