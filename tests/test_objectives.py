@@ -382,3 +382,54 @@ def test_mae_visible_set_sources():
     # Without normalisation the target is the raw pixels.
     out = model({"image": {"image": image, "visible_index": vis}})
     assert out["mae_count"].item() == B * 12 and out["mae_loss"].item() > 0.5
+
+
+# --------------------------------------------------------------------------- VLMo's ITC
+def test_itc_is_symmetric_infonce_over_single_modality_first_tokens():
+    model = make_model(["itc"])
+    batch = make_batches()["pair"]
+    out = model({"pair": batch})
+    head = model.heads["itc"]
+    with torch.no_grad():
+        # uncorrupted inputs, one modality per pass (dual encoder)
+        v = model.backbone(image=batch["image"])[:, 0]
+        t = model.backbone(text=batch["text"], text_padding_mask=batch["text_padding_mask"])[:, 0]
+        v = head.vision_head(v).double()
+        t = head.language_head(t).double()
+        v, t = v / v.norm(dim=-1, keepdim=True), t / t.norm(dim=-1, keepdim=True)
+        s = head.logit_scale.exp().double()
+    terms, hits = [], 0
+    for i in range(B):  # image i against every text, text i against every image
+        row = torch.stack([s * (v[i] @ t[j]) for j in range(B)])
+        col = torch.stack([s * (v[j] @ t[i]) for j in range(B)])
+        terms += [-(row[i] - torch.logsumexp(row, 0)).item(), -(col[i] - torch.logsumexp(col, 0)).item()]
+        hits += int(row.argmax() == i) + int(col.argmax() == i)
+    assert out["itc_loss"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert out["itc_acc"].item() == pytest.approx(hits / (2 * B))
+    assert out["itc_count"].item() == B
+    # the corrupted views (MVLM's) are not what ITC reads
+    assert model({"pair": {**batch, "text_input": batch["text"] * 0}})["itc_loss"].item() == pytest.approx(
+        out["itc_loss"].item(), rel=1e-6
+    )
+
+
+def test_itc_training_aligns_pairs_and_its_head_has_retrieval_names():
+    model = make_model(["itc"]).train()
+    batch = make_batches(seed=1)["pair"]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(30):
+        out = model({"pair": batch})
+        first = first if first is not None else out["itc_loss"].item()
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["itc_loss"].item() < 0.5 * first and out["itc_acc"].item() == 1.0
+    names = {k for k in model.state_dict() if k.startswith("heads.itc.")}
+    assert names == {
+        "heads.itc.vision_head.weight",
+        "heads.itc.language_head.weight",
+        "heads.itc.logit_scale",
+    }
+    with pytest.raises(ValueError, match="2 images but 3 texts"):
+        model({"pair": {**batch, "image": batch["image"][:2]}})

@@ -130,6 +130,56 @@ def test_nlvr2_concatenates_cls_and_text_start_of_both_pairs():
     assert model(batch)["nlvr2_loss"].item() == pytest.approx(F.cross_entropy(logits, batch["labels"]).item())
 
 
+def test_pool_mean_averages_patches_and_real_text_tokens_only():
+    """``task.pool=mean``: VQA pools the mean of (mean patch, mean real word), NLVR2 concatenates the two
+    means of each pair, retrieval encodes mean patch / mean real word; padding never counts."""
+    B, P, T, D = 2, 4, 3, 8
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    real = (~pad).float()
+
+    def means(out):  # independent: loops over tokens
+        vis = torch.stack([sum(out[b, 1 + i] for i in range(P)) / P for b in range(out.shape[0])])
+        rows = []
+        for b in range(out.shape[0]):
+            r = real[b % B]
+            rows.append(sum(out[b, 1 + P + j] * r[j] for j in range(T)) / r.sum())
+        return vis, torch.stack(rows)
+
+    out = torch.randn(B, 1 + P + T, D)
+    batch = {
+        "image": torch.zeros(B, 3, 32, 32),
+        "text": torch.zeros(B, T, dtype=torch.long),
+        "text_padding_mask": pad,
+    }
+    vqa = VQAModel(FakeBackbone(out), 5, pool="mean")
+    vis, words = means(out)
+    assert torch.allclose(vqa.logits(batch), vqa.head(vqa.pooler((vis + words) / 2)), atol=1e-6)
+    out2 = torch.randn(2 * B, 1 + P + T, D)
+    nlvr = NLVR2Model(FakeBackbone(out2), pool="mean")
+    vis, words = means(out2)
+    pair = torch.cat([vis, words], -1)
+    logits = nlvr.logits({**batch, "image2": torch.zeros(B, 3, 32, 32)})
+    assert torch.allclose(logits, nlvr.head(torch.cat([pair[:B], pair[B:]], -1)), atol=1e-6)
+    # a padded position does not matter; a real one does
+    before = vqa.logits(batch)
+    vqa.backbone.out = out.clone()
+    vqa.backbone.out[0, 1 + P + 2] += 100.0 * torch.randn(D)  # row 0 is padded at text position 2
+    assert torch.allclose(vqa.logits(batch), before, atol=1e-6)
+    vqa.backbone.out[0, 1 + P + 1] += 100.0 * torch.randn(D)
+    assert not torch.allclose(vqa.logits(batch), before, atol=1e-3)
+    ret = RetrievalModel(tiny(), pool="mean")
+    text = torch.randint(3, 50, (B, T))
+    with torch.no_grad():
+        x = ret.backbone(text=text, text_padding_mask=pad)
+        want = F.normalize(ret.language_head(torch.stack([x[0, :2].mean(0), x[1].mean(0)])), dim=-1)
+        img = torch.rand(B, 3, 32, 32)
+        want_img = F.normalize(ret.vision_head(ret.backbone(image=img)[:, 1:].mean(1)), dim=-1)
+    assert torch.allclose(ret.encode_text(text, pad), want, atol=1e-6)
+    assert torch.allclose(ret.encode_image(img), want_img, atol=1e-6)
+    with pytest.raises(ValueError, match="pool must be"):
+        VQAModel(FakeBackbone(out), 5, pool="max").logits(batch)
+
+
 def test_classification_mean_pools_patches_without_cls():
     out = torch.randn(2, 5, 8)
     model = ClassificationModel(FakeBackbone(out), 3)
@@ -202,3 +252,41 @@ def test_retrieval_recalls_match_brute_force_with_quantised_ties():
     want = _brute_force_recalls(img, txt, text_image.tolist())
     for k, v in want.items():
         assert got[k] == pytest.approx(v, abs=1e-4), k
+
+
+def test_retrieval_head_starts_from_pretraining_itc_heads(tmp_path):
+    """``mdm finetune init=DIR`` copies ``heads.itc.*`` into the retrieval projections; a partial set is an
+    error naming what is missing; other tasks and directories without ITC heads are left alone."""
+    from safetensors.torch import save_file
+
+    from mdm.config import ConfigError
+    from mdm.models.io import save_pretrained
+    from mdm.train.finetune import load_pretraining_heads
+
+    backbone = tiny()
+    save_pretrained(backbone, tmp_path / "m")
+    D = backbone.cfg.embed_dim
+    itc = {
+        "heads.itc.vision_head.weight": torch.randn(D, D),
+        "heads.itc.language_head.weight": torch.randn(D, D),
+        "heads.itc.logit_scale": torch.tensor(2.5),
+        "heads.mlm.decoder.weight": torch.randn(7, D),
+    }
+    save_file(itc, str(tmp_path / "m" / "heads.safetensors"))
+    ret = RetrievalModel(tiny())
+    load_pretraining_heads(ret, str(tmp_path / "m"))
+    assert torch.equal(ret.vision_head.weight, itc["heads.itc.vision_head.weight"])
+    assert torch.equal(ret.language_head.weight, itc["heads.itc.language_head.weight"])
+    assert ret.logit_scale.item() == 2.5
+    vqa = VQAModel(tiny(), 3)
+    before = {k: v.clone() for k, v in vqa.state_dict().items()}
+    load_pretraining_heads(vqa, str(tmp_path / "m"))  # VQA has no pretraining head to take
+    assert all(torch.equal(before[k], v) for k, v in vqa.state_dict().items())
+    fresh = RetrievalModel(tiny())
+    w = fresh.vision_head.weight.clone()
+    load_pretraining_heads(fresh, "scratch")
+    assert torch.equal(fresh.vision_head.weight, w)
+    del itc["heads.itc.logit_scale"]
+    save_file(itc, str(tmp_path / "m" / "heads.safetensors"))
+    with pytest.raises(ConfigError, match="heads.itc.logit_scale"):
+        load_pretraining_heads(RetrievalModel(tiny()), str(tmp_path / "m"))

@@ -1,4 +1,5 @@
-"""Pretraining objectives: MIM, MLM, MVLM (BEiT-3's masked data modeling), BEiT v2's [CLS] head, MAE.
+"""Pretraining objectives: MIM, MLM, MVLM (BEiT-3's masked data modeling), VLMo's ITC, BEiT v2's [CLS] head,
+MAE.
 
 >>> from mdm.models.config import make_config
 >>> from mdm.objectives import ObjectivesConfig, build_pretrain_model
@@ -14,6 +15,7 @@ from __future__ import annotations
 from mdm.objectives.base import STREAMS, Objective, masked_cross_entropy
 from mdm.objectives.cls_pt import ClsMaskedImageModeling
 from mdm.objectives.config import ObjectivesConfig
+from mdm.objectives.contrastive import ImageTextContrastive, ITCHead
 from mdm.objectives.heads import MIMHead, MLMHead, VisionBlock
 from mdm.objectives.mae import MAEDecoder, MaskedAutoencoder, normalize_patches, patchify
 from mdm.objectives.masked import MaskedImageModeling, MaskedLanguageModeling, MaskedVisionLanguageModeling
@@ -24,6 +26,8 @@ __all__ = [
     "OBJECTIVES",
     "STREAMS",
     "ClsMaskedImageModeling",
+    "ITCHead",
+    "ImageTextContrastive",
     "MAEDecoder",
     "MIMHead",
     "MLMHead",

@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass, field
 
 #: Objective names a config may list (see :data:`mdm.objectives.OBJECTIVES`).
-KNOWN = ("mim", "cls_mim", "mlm", "mvlm", "mae")
+KNOWN = ("mim", "cls_mim", "mlm", "mvlm", "itc", "mae")
 
 
 @dataclass
@@ -15,7 +15,8 @@ class ObjectivesConfig:
 
     Attributes:
         objectives: names among ``mim``, ``cls_mim`` (MIM + BEiT v2's [CLS] head, replaces ``mim``),
-            ``mlm``, ``mvlm``, ``mae``. BEiT-3's masked data modeling is ``[mim, mlm, mvlm]``.
+            ``mlm``, ``mvlm``, ``itc`` (VLMo's image-text contrastive loss on the pair stream), ``mae``.
+            BEiT-3's masked data modeling is ``[mim, mlm, mvlm]``.
         weights: per-objective multiplier of every ``*_loss`` it returns (default 1.0).
         codebook_size: visual tokens of the frozen tokenizer (8192 for dVAE and VQ-KD).
         mlm_tie_embedding: MLM decoder weight = the backbone's text embedding (default: own weight).

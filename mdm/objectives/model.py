@@ -6,7 +6,7 @@ returned)``. The visual tokenizer is not part of it: the engine keeps the tokeni
 optimizer and outside ZeRO, and fills ``image_tokens`` first (:func:`mdm.objectives.fill_visual_tokens`).
 
 Parameter names: ``backbone.*`` (exported), ``heads.mim.*`` / ``heads.mlm.*`` (shared by MIM, MVLM and
-the [CLS] head), ``objectives.<name>.*`` (objective-private machinery: BEiT v2's extra blocks, the MAE
+the [CLS] head), ``heads.itc.*`` (ITC's projections and temperature), ``objectives.<name>.*`` (objective-private machinery: BEiT v2's extra blocks, the MAE
 decoder). Only ``backbone.*`` survives pretraining (:meth:`PretrainModel.pretrained_backbone_state_dict`).
 """
 
@@ -24,6 +24,7 @@ from mdm.models.config import ModelConfig
 from mdm.objectives.base import STREAMS, Objective
 from mdm.objectives.cls_pt import ClsMaskedImageModeling
 from mdm.objectives.config import ObjectivesConfig
+from mdm.objectives.contrastive import ImageTextContrastive, ITCHead
 from mdm.objectives.heads import MIMHead, MLMHead
 from mdm.objectives.mae import MaskedAutoencoder
 from mdm.objectives.masked import MaskedImageModeling, MaskedLanguageModeling, MaskedVisionLanguageModeling
@@ -71,6 +72,12 @@ def _build_mlm(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Modu
 @OBJECTIVES.register("mvlm")
 def _build_mvlm(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
     return MaskedVisionLanguageModeling(_mim_head(cfg, obj, heads), _mlm_head(cfg, obj, heads))
+
+
+@OBJECTIVES.register("itc")
+def _build_itc(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    head = heads.setdefault("itc", ITCHead(cfg.embed_dim))
+    return ImageTextContrastive(head)  # type: ignore[arg-type]
 
 
 @OBJECTIVES.register("mae")

@@ -71,6 +71,26 @@ def load_backbone(init: str, cfg: ModelConfig) -> MultiwayTransformer:
     return model
 
 
+def load_pretraining_heads(model: torch.nn.Module, init: str) -> None:
+    """Starts the task head from pretraining heads where the task says how (``TaskModel.PRETRAINED_HEADS``,
+    e.g. retrieval's projections from ``heads.itc.*``), when ``init`` is a model directory that has them."""
+    mapping = getattr(model, "PRETRAINED_HEADS", {})
+    path = Path(init) / "heads.safetensors" if init not in ("", "scratch") else None
+    if not mapping or path is None or not path.is_file():
+        return
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    found = {ours: saved[theirs] for ours, theirs in mapping.items() if theirs in saved}
+    if not found:
+        return
+    if len(found) != len(mapping):
+        missing = sorted(theirs for theirs in mapping.values() if theirs not in saved)
+        raise ConfigError(f"init={init}: {path.name} has some of the task head's tensors but lacks {missing}")
+    model.load_state_dict(found, strict=False)
+    log.info("task head initialised from %s (%s)", path, ", ".join(sorted(mapping.values())))
+
+
 def _steps_per_epoch(loader: EpochLoader, grad_accum: int) -> int:
     return max(loader.batches_per_epoch() // grad_accum, 1)
 
@@ -96,6 +116,7 @@ def run_finetune(cfg, metrics_json: str | None = None) -> dict[str, float]:
     task = build_task(cfg.task, cfg.data)
     torch.manual_seed(cfg.train.seed)
     model = task.build_model(load_backbone(cfg.init, cfg.model))
+    load_pretraining_heads(model, cfg.init)
     if not cfg.optim.head_prefixes:
         cfg.optim.head_prefixes = list(model.HEAD_PREFIXES)
     train_set = task.build_dataset("train", text_tok)

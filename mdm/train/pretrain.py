@@ -185,8 +185,13 @@ def build_run(cfg: PretrainConfig) -> Trainer:
 
 
 def export_backbone(trainer: Trainer, cfg: PretrainConfig) -> Path | None:
-    """Writes the pretrained backbone to ``<out_dir>/model`` (rank 0; gathers ZeRO-3 shards on all ranks)."""
-    from mdm.models.io import save_pretrained
+    """Writes the pretrained backbone to ``<out_dir>/model`` (rank 0; gathers ZeRO-3 shards on all ranks).
+
+    The pretraining heads (``heads.mim.*``, ``heads.mlm.*``, ``heads.itc.*``) go beside it in
+    ``heads.safetensors``: a retrieval fine-tuning starts from the ITC projections, and the demo's report
+    predicts masked words and patches with the MLM and MIM heads.
+    """
+    from mdm.models.io import save_pretrained, save_safetensors_atomic
     from mdm.models.multiway import MultiwayTransformer
 
     full = trainer.strategy.full_state_dict()
@@ -195,11 +200,15 @@ def export_backbone(trainer: Trainer, cfg: PretrainConfig) -> Path | None:
     backbone = {k[len("backbone.") :]: v for k, v in full.items() if k.startswith("backbone.")}
     model = MultiwayTransformer(cfg.model)
     model.load_state_dict(backbone)
-    return save_pretrained(
+    out = save_pretrained(
         model,
         Path(cfg.train.out_dir) / "model",
         extra={"source": {"format": "mdm-pretrain", "step": trainer.step}},
     )
+    heads = {k: v.contiguous() for k, v in full.items() if k.startswith("heads.")}
+    if heads:
+        save_safetensors_atomic(heads, out / "heads.safetensors")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
