@@ -9,11 +9,12 @@ Stages (each runs the real command through its ``main(argv)``, printed as a ``$ 
 2. ``mdm data shards``: image, pair and text WebDataset shards;
 3. ``mdm tokenizer train-text``: a BPE SentencePiece model of the corpus;
 4. ``mdm tokenizer train`` (VQ-KD) and ``mdm tokenizer encode`` (visual codes into the shards);
-5. ``mdm pretrain``: a tiny VLMo with MIM + MLM + MVLM (``configs/pretrain/demo_vlmo.yaml``);
+5. ``mdm pretrain``: a tiny VLMo with MIM + MLM + MVLM and ITC (``configs/pretrain/demo_vlmo.yaml``);
 6. ``mdm finetune``: VQAv2, NLVR2 and retrieval, from the pretrained backbone and from scratch, with
    the same config and seed (``configs/finetune/demo_*.yaml``). With ``--jobs 2`` (the default on two
-   or more cores) the scratch runs, which need only the text tokenizer, run in child processes beside
-   stages 4–6 (logs in ``<out>/finetune/*-scratch.log``);
+   or more cores) a child process on the second core runs the scratch fine-tunings, which need only the
+   text tokenizer, beside stages 4–5, then the pretrained retrieval run beside the other two (logs in
+   ``<out>/finetune/<task>-<init>.log``);
 7. ``mdm export``: the pretrained backbone and the fine-tuned models as safetensors model directories;
 8. the report: ``<out>/report.md`` with curves, tokenizer pictures, masked predictions and the table of
    downstream metrics, which is also printed.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -210,46 +212,70 @@ def finetune_argv(out: Path, plan: Plan, seed: int, cfg: Path, task: str, init: 
 
 
 class Background:
-    """Runs ``mdm`` commands one after another in child processes on a second core, output in log files.
+    """Runs ``mdm`` commands one after another in a child process on the second core, output in log files.
 
-    Used for the scratch fine-tunings, which need only the text tokenizer and so run while the main process
-    trains the visual tokenizer and pretrains. Each child is single-threaded and seeded like an in-process
-    run, so results do not depend on where a run happens.
+    The scratch fine-tunings need only the text tokenizer, so they run here while the main process trains
+    the visual tokenizer and pretrains; afterwards the slowest pretrained fine-tuning joins the queue while
+    the main process runs the others. Each child is single-threaded and seeded like an in-process run, so a
+    result does not depend on where its run happens.
     """
 
     def __init__(self, threads: int) -> None:
-        self.threads, self.failed, self.seconds = threads, [], 0.0
-        self._thread: threading.Thread | None = None
-
-    def start(self, jobs: list[tuple[str, list[str], Path]]) -> None:
-        """Starts ``(name, argv, log file)`` jobs in order."""
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
-
-        def work() -> None:
-            t = time.perf_counter()
-            for name, argv, log_file in jobs:
-                log_file.parent.mkdir(parents=True, exist_ok=True)
-                print(f"[background] started {name} (log: {log_file})", flush=True)
-                with log_file.open("w") as f:
-                    code = subprocess.call(
-                        [sys.executable, "-m", "mdm.cli", *argv], stdout=f, stderr=subprocess.STDOUT, env=env
-                    )
-                if code != 0:
-                    self.failed.append(f"{name} (exit code {code}, see {log_file})")
-                print(f"[background] {name}: {'done' if code == 0 else 'FAILED'}", flush=True)
-            self.seconds = time.perf_counter() - t
-
-        self._thread = threading.Thread(target=work, name="mdm-demo-background", daemon=True)
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.failed: list[str] = []
+        self.busy_seconds = 0.0
+        self.running: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+        self._queue: queue.Queue[tuple[str, list[str], Path] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="mdm-demo-background", daemon=True)
         self._thread.start()
 
+    def submit(self, name: str, argv: list[str], log_file: Path) -> None:
+        """Queues ``mdm <argv>``; its output goes to ``log_file``."""
+        self._queue.put((name, argv, log_file))
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None and not self._stopped:
+            name, argv, log_file = job
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            print(f"[background] started {name} (log: {log_file})", flush=True)
+            self.running, t = name, time.perf_counter()
+            with log_file.open("w") as f:
+                cmd = [sys.executable, "-m", "mdm.cli", *argv]
+                self._proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env)
+                code = self._proc.wait()
+            self.busy_seconds += time.perf_counter() - t
+            self.running = None
+            if code != 0:
+                self.failed.append(f"{name} (exit code {code}, see {log_file})")
+            print(f"[background] {name}: {'done' if code == 0 else 'FAILED'} in {_fmt(time.perf_counter() - t)}",
+                  flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        """Stops a child that is still running (the demo failed or was interrupted) and the worker."""
+        if self._thread.is_alive():
+            self._stopped = True
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.terminate()
+            self._queue.put(None)
+
     def wait(self) -> None:
-        """Waits for the jobs; raises :class:`DemoError` if one failed."""
-        if self._thread is not None:
-            if self._thread.is_alive():
-                print("waiting for the background fine-tunings ...", flush=True)
-            self._thread.join()
+        """Waits for every queued job; raises :class:`DemoError` if one failed."""
+        self._queue.put(None)
+        if self.running is not None:
+            print(f"waiting for the background run ({self.running}) ...", flush=True)
+        self._thread.join()
         if self.failed:
             raise DemoError("background run(s) failed: " + "; ".join(self.failed))
+
+
+def background_job(
+    out: Path, plan: Plan, seed: int, cfg: Path, task: str, init: str
+) -> tuple[str, list[str], Path]:
+    """``(name, argv, log file)`` of a fine-tuning run in the background (no progress bars in its log)."""
+    argv = finetune_argv(out, plan, seed, cfg, task, init) + ["logging.progress=false"]
+    return f"{task} from {init}", argv, out / "finetune" / f"{task}-{init}.log"
 
 
 def stage_finetune(out: Path, plan: Plan, seed: int, cfg: Path, runs: list[tuple[str, str]]) -> None:
@@ -315,7 +341,7 @@ def main(argv: list[str]) -> int:
     out, plan, seed = Path(args.out), make_plan(args.quick), args.seed
     scratch = [(task, "scratch") for task in TASKS]
     pretrained = [(task, "pretrained") for task in TASKS]
-    background = Background(args.threads) if args.jobs > 1 else None
+    background: Background | None = None
     try:
         cfg = configs_dir()
         prepare_out(out, args)
@@ -323,17 +349,25 @@ def main(argv: list[str]) -> int:
         st.run("demo data", lambda: stage_data(out, plan, seed))
         st.run("shards", lambda: stage_shards(out))
         st.run("text tokenizer", lambda: stage_text_tokenizer(out, plan))
-        if background is not None:
-            jobs = [(f"{t} from {i}", finetune_argv(out, plan, seed, cfg, t, i) + ["logging.progress=false"],
-                     out / "finetune" / f"{t}-{i}.log") for t, i in scratch]  # fmt: skip
-            background.start(jobs)
+        if args.jobs > 1:
+            background = Background(args.threads)
+            for task, init in scratch:
+                background.submit(*background_job(out, plan, seed, cfg, task, init))
         st.run("visual tokenizer", lambda: stage_visual_tokenizer(out, plan, seed, cfg))
         st.run("pretraining", lambda: stage_pretrain(out, plan, seed, cfg))
-        runs = pretrained if background is not None else pretrained + scratch
-        st.run("fine-tuning", lambda: stage_finetune(out, plan, seed, cfg, runs))
-        if background is not None:
-            background.wait()
-            st.times["scratch fine-tuning (background)"] = background.seconds
+        if background is None:
+            st.run("fine-tuning", lambda: stage_finetune(out, plan, seed, cfg, pretrained + scratch))
+        else:
+            # the longest pretrained run (retrieval) goes to the second core; the others run here
+            background.submit(*background_job(out, plan, seed, cfg, "retrieval", "pretrained"))
+            here = [run for run in pretrained if run != ("retrieval", "pretrained")]
+
+            def finetune_both() -> None:
+                stage_finetune(out, plan, seed, cfg, here)
+                background.wait()
+
+            st.run("fine-tuning", finetune_both)
+            st.times["fine-tuning in the background (busy)"] = background.busy_seconds
         results = collect_results(out)
         exported = st.run("export", lambda: stage_export(out))
         report = st.run(
@@ -342,6 +376,9 @@ def main(argv: list[str]) -> int:
     except DemoError as e:
         print(f"mdm demo: {e}", file=sys.stderr)
         return 1
+    finally:
+        if background is not None:
+            background.close()
     print(f"\nmdm demo finished in {_fmt(st.elapsed)}; report: {report}\n")
     print_table(results)
     return 0

@@ -11,13 +11,13 @@ import pytest
 
 from mdm.cli import main as mdm_main
 from mdm.data.demo.report import METRICS
-from mdm.demo import MARKER, TASKS
+from mdm.demo import MARKER, TASKS, make_plan
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    return out, mdm_main(["demo", "--quick", "--out", str(out), "--seed", "3"])
+    return out, mdm_main(["demo", "--quick", "--out", str(out), "--seed", "3", "--jobs", "2"])
 
 
 @pytest.mark.slow
@@ -63,11 +63,28 @@ def test_quick_demo_is_deterministic_where_cheap_to_check(quick_run, tmp_path):
         "retrieval/dataset_coco.json",
     ):
         assert (tmp_path / "data" / rel).read_bytes() == (out / "data" / rel).read_bytes(), rel
+    plan = make_plan(quick=True)
     assert main(["tokenizer", "train-text", "--input", str(tmp_path / "data" / "corpus.txt"), "--out",
-                 str(tmp_path / "spm"), "--vocab-size", "300", "--embedding-rows", "512"]) == 0  # fmt: skip
+                 str(tmp_path / "spm"), "--vocab-size", str(plan.text_vocab), "--model-type", "bpe",
+                 "--embedding-rows", "512"]) == 0  # fmt: skip
     assert (tmp_path / "spm" / "spm.model").read_bytes() == (
         out / "tokenizers" / "text" / "spm.model"
     ).read_bytes()
+
+
+@pytest.mark.slow
+def test_same_seed_same_table_whether_runs_are_in_background_or_not(quick_run, tmp_path):
+    """The default run puts scratch and one pretrained fine-tuning in a child process (``--jobs 2``); a
+    second run with everything in one process (``--jobs 1``) must give exactly the same table."""
+    out, code = quick_run
+    assert code == 0
+    again = tmp_path / "again"
+    assert mdm_main(["demo", "--quick", "--out", str(again), "--seed", "3", "--jobs", "1"]) == 0
+    first = json.loads((out / "finetune" / "results.json").read_text())
+    second = json.loads((again / "finetune" / "results.json").read_text())
+    assert first == second
+    assert (out / "finetune" / "retrieval-pretrained.log").is_file()  # it did run in the background
+    assert not (again / "finetune" / "retrieval-pretrained.log").exists()
 
 
 def test_refuses_to_empty_a_directory_it_did_not_create(tmp_path, capsys):

@@ -11,7 +11,7 @@ from torch import nn
 
 from mdm.distributed import DistributedConfig, build_strategy
 from mdm.train.checkpoint import latest_checkpoint, list_checkpoints
-from mdm.train.loop import Trainer, TrainConfig, TrainingAborted
+from mdm.train.loop import TrainConfig, Trainer, TrainingAborted
 from mdm.train.metrics import LoggingConfig, read_metrics
 from mdm.train.optim import OptimConfig, build_optimizer, layer_id, lr_at, param_groups
 

@@ -53,11 +53,11 @@ def load_pretrain_model(model_dir: str | Path, codebook_size: int) -> Any:
 
     model_dir = Path(model_dir)
     cfg, _ = read_model_config(model_dir)
-    model = build_pretrain_model(
-        cfg, ObjectivesConfig(objectives=["mim", "mlm", "mvlm"], codebook_size=codebook_size)
-    )
+    heads = load_file(str(model_dir / "heads.safetensors"))
+    names = ["mim", "mlm", "mvlm"] + (["itc"] if any(k.startswith("heads.itc.") for k in heads) else [])
+    model = build_pretrain_model(cfg, ObjectivesConfig(objectives=names, codebook_size=codebook_size))
     state = {f"backbone.{k}": v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
-    state.update(load_file(str(model_dir / "heads.safetensors")))
+    state.update(heads)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
