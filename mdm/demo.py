@@ -334,7 +334,7 @@ def main(argv: list[str]) -> int:
     """Entry point of ``mdm demo``."""
     import torch
 
-    from mdm.data.demo.report import print_table, write_report
+    from mdm.data.demo.report import BACKGROUND, print_table, write_report
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -367,7 +367,7 @@ def main(argv: list[str]) -> int:
                 background.wait()
 
             st.run("fine-tuning", finetune_both)
-            st.times["fine-tuning in the background (busy)"] = background.busy_seconds
+            st.times[f"fine-tuning in the background {BACKGROUND}"] = background.busy_seconds
         results = collect_results(out)
         exported = st.run("export", lambda: stage_export(out))
         report = st.run(
