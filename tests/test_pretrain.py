@@ -211,3 +211,15 @@ def test_itc_runs_beside_mdm_and_its_heads_are_saved_with_the_backbone(world, tm
     assert any(k.startswith("heads.mim.") for k in heads) and any(k.startswith("heads.mlm.") for k in heads)
     backbone = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert not any(k.startswith("heads.") for k in backbone)
+
+
+def test_flops_and_tokens_count_itc_passes():
+    """MFU and tokens/s count every backbone pass: ITC adds an image-alone and a text-alone pass per pair."""
+    from mdm.models.config import make_config
+    from mdm.train.pretrain import _sequences
+
+    cfg = make_config("vlmo_tiny", img_size=32, patch_size=8)  # 16 patches
+    pair = {"image": torch.zeros(3, 3, 32, 32), "text": torch.zeros(3, 7, dtype=torch.long)}
+    text = {"text": torch.zeros(5, 9, dtype=torch.long)}
+    assert _sequences(cfg, {"pair": pair, "text": text}) == [(3, 17 + 7), (5, 9)]
+    assert _sequences(cfg, {"pair": pair, "text": text}, itc=True) == [(3, 24), (3, 17), (3, 7), (5, 9)]

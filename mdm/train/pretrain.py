@@ -106,10 +106,11 @@ def _prepare_fn(visual, num_patches: int, streams: set[str]):
     return prepare
 
 
-def _sequences(model_cfg: ModelConfig, batches: dict[str, Any]) -> list[tuple[int, int]]:
-    """(batch size, encoder sequence length) of each stream's batch."""
+def _sequences(model_cfg: ModelConfig, batches: dict[str, Any], itc: bool = False) -> list[tuple[int, int]]:
+    """(batch size, encoder sequence length) of every backbone pass of a step: one per stream, plus ITC's
+    image-alone and text-alone passes over the pair batch when ``itc``."""
     seqs = []
-    for b in batches.values():
+    for kind, b in batches.items():
         if not isinstance(b, dict):
             continue
         n, bsz = 0, None
@@ -121,15 +122,17 @@ def _sequences(model_cfg: ModelConfig, batches: dict[str, Any]) -> list[tuple[in
             n += b["text"].shape[1]
         if bsz:
             seqs.append((bsz, n))
+        if itc and kind == "pair" and b.get("image") is not None and b.get("text") is not None:
+            seqs += [(bsz, 1 + model_cfg.num_patches), (bsz, b["text"].shape[1])]
     return seqs
 
 
-def _flops_fn(model_cfg: ModelConfig):
-    return lambda batches: train_step_flops(model_cfg, _sequences(model_cfg, batches))
+def _flops_fn(model_cfg: ModelConfig, itc: bool = False):
+    return lambda batches: train_step_flops(model_cfg, _sequences(model_cfg, batches, itc))
 
 
-def _tokens_fn(model_cfg: ModelConfig):
-    return lambda batches: sum(b * n for b, n in _sequences(model_cfg, batches))
+def _tokens_fn(model_cfg: ModelConfig, itc: bool = False):
+    return lambda batches: sum(b * n for b, n in _sequences(model_cfg, batches, itc))
 
 
 def _samples_fn(batches: dict[str, Any]) -> int:
@@ -177,9 +180,9 @@ def build_run(cfg: PretrainConfig) -> Trainer:
         cfg.optim,
         cfg.logging,
         prepare=_prepare_fn(visual, cfg.model.num_patches, token_streams),
-        flops_per_batch=_flops_fn(cfg.model),
+        flops_per_batch=_flops_fn(cfg.model, "itc" in cfg.objectives.objectives),
         samples_per_batch=_samples_fn,
-        tokens_per_batch=_tokens_fn(cfg.model),
+        tokens_per_batch=_tokens_fn(cfg.model, "itc" in cfg.objectives.objectives),
         run_config=to_dict(cfg),
     )
 
