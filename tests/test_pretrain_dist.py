@@ -37,7 +37,13 @@ def _launch(world, out_dir, steps, *extra):
 
 
 def test_ddp_resume_matches_uninterrupted_run(world, tmp_path):
-    extra = ("distributed.strategy=ddp", "train.ckpt_every=3", "model.drop_path_rate=0.1")
+    # with ITC too: three backbone passes in one forward (joint, image alone, text alone) under DDP
+    extra = (
+        "distributed.strategy=ddp",
+        "train.ckpt_every=3",
+        "model.drop_path_rate=0.1",
+        "objectives.objectives=[mim,mlm,mvlm,itc]",
+    )
     _launch(world, tmp_path / "a", 6, *extra)
     _launch(world, tmp_path / "b", 6, *extra, "train.stop_after=4")
     _launch(world, tmp_path / "b", 6, *extra)
@@ -45,13 +51,20 @@ def test_ddp_resume_matches_uninterrupted_run(world, tmp_path):
     b = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
-        for key in ("loss", "mim_loss", "mlm_loss", "mvlm_image_loss", "mvlm_text_loss"):
+        for key in ("loss", "mim_loss", "mlm_loss", "mvlm_image_loss", "mvlm_text_loss", "itc_loss"):
             assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_checkpoint_consolidates_to_the_sharded_model(world, tmp_path, stage):
-    out_file = _launch(world, tmp_path / "run", 4, f"distributed.zero_stage={stage}", "train.ckpt_every=2")
+    out_file = _launch(
+        world,
+        tmp_path / "run",
+        4,
+        f"distributed.zero_stage={stage}",
+        "train.ckpt_every=2",
+        "objectives.objectives=[mim,mlm,mvlm,itc]",
+    )
     ref = torch.load(out_file)
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert ckpt is not None and (ckpt / "deepspeed").is_dir()
@@ -63,3 +76,12 @@ def test_zero_checkpoint_consolidates_to_the_sharded_model(world, tmp_path, stag
     exported = from_pretrained(tmp_path / "run" / "model").eval()
     with torch.no_grad():
         assert (exported(image=ref["image"], text=ref["text"]) - ref["out"]).abs().max().item() <= 1e-5
+    # the pretraining heads are written whole, not as this rank's ZeRO partition
+    from safetensors.torch import load_file
+
+    heads = load_file(str(tmp_path / "run" / "model" / "heads.safetensors"))
+    D = exported.cfg.embed_dim
+    assert (
+        heads["heads.itc.vision_head.weight"].shape == (D, D) and heads["heads.itc.logit_scale"].shape == ()
+    )
+    assert heads["heads.mim.proj.weight"].shape[1] == D

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mdm.distributed.deepspeed import deepspeed_config
+from mdm.distributed.deepspeed import deepspeed_config, promote_scalar_parameters
 from mdm.distributed.strategy import DistributedConfig, Strategy, autocast_dtype, build_strategy
 from mdm.train.metrics import LoggingConfig, MetricSink, read_metrics
 
@@ -71,3 +71,28 @@ def test_metric_sinks(tmp_path, monkeypatch):
     assert rows == [{"step": 1, "loss": 2.0, "bad": None}]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_scalar_parameters_are_vectors_for_deepspeed_but_scalars_in_state_dicts():
+    """DeepSpeed 0.19 cannot broadcast a 0-dim parameter (``view(torch.uint8)``); the retrieval and ITC
+    temperatures are 0-dim. While DeepSpeed holds the model they are (1,); state dicts keep ()."""
+    from mdm.models import create_model
+    from mdm.tasks.retrieval import RetrievalModel
+
+    model = RetrievalModel(create_model("vlmo_tiny", depth=1, img_size=32))
+    before = model.state_dict()["logit_scale"].clone()
+    assert before.dim() == 0
+    assert promote_scalar_parameters(model) == ["logit_scale"]
+    assert model.logit_scale.shape == (1,)
+    assert model.logit_scale.view(torch.uint8).numel() == 4  # what DeepSpeed's broadcast does
+    sd = model.state_dict()
+    assert sd["logit_scale"].shape == () and torch.equal(sd["logit_scale"], before)
+    sd["logit_scale"] = torch.tensor(1.5)
+    model.load_state_dict(sd)  # a saved 0-dim value loads into the (1,) parameter
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 1.5
+    fresh = RetrievalModel(create_model("vlmo_tiny", depth=1, img_size=32))
+    fresh.load_state_dict(model.state_dict())  # and what it saves loads into an ordinary model
+    assert fresh.logit_scale.item() == 1.5
+    image, text = torch.rand(2, 3, 32, 32), torch.randint(3, 50, (2, 5))
+    batch = {"image": image, "text": text, "text_padding_mask": torch.zeros(2, 5, dtype=torch.bool)}
+    assert torch.allclose(model(batch)["loss"], fresh(batch)["loss"])

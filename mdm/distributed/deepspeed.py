@@ -76,6 +76,43 @@ def deepspeed_config(
     return ds
 
 
+def promote_scalar_parameters(model: nn.Module) -> list[str]:
+    """Makes 0-dim parameters 1-element vectors, keeping their 0-dim form in state dicts.
+
+    DeepSpeed (0.19) broadcasts every parameter at ``initialize`` as ``p.data.view(torch.uint8)``, which
+    fails for a 0-dim tensor — such as the learnable temperature ``logit_scale`` of retrieval and ITC.
+    While DeepSpeed holds the model those parameters have shape (1,) (the code using them broadcasts
+    either way); a state-dict hook turns them back into 0-dim tensors and a load pre-hook accepts both
+    forms, so checkpoints, exports and unilm names keep their shapes.
+
+    Returns:
+        the names of the promoted parameters.
+    """
+    names = [n for n, p in model.named_parameters() if p.dim() == 0]
+    if not names:
+        return names
+    for n in names:
+        param = model.get_parameter(n)
+        param.data = param.data.reshape(1)
+
+    def to_scalar(module, state_dict, prefix, local_metadata):
+        for n in names:
+            value = state_dict.get(prefix + n)
+            if value is not None and value.shape == (1,):
+                state_dict[prefix + n] = value.reshape(())
+
+    def from_scalar(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for n in names:
+            value = state_dict.get(prefix + n)
+            if value is not None and value.dim() == 0:
+                state_dict[prefix + n] = value.reshape(1)
+
+    model.register_state_dict_post_hook(to_scalar)
+    model.register_load_state_dict_pre_hook(from_scalar)
+    log.info("0-dim parameters held as (1,) for DeepSpeed: %s", ", ".join(names))
+    return names
+
+
 class DeepSpeedStrategy(Strategy):
     """Runs the model through ``deepspeed.initialize``."""
 
@@ -84,6 +121,7 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, cfg: DistributedConfig) -> None:
         super().__init__(cfg)
         self.engine = None
+        self._scalars: set[str] = set()
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
         import deepspeed
@@ -100,6 +138,7 @@ class DeepSpeedStrategy(Strategy):
             self.device.type == "cpu",
         )
         self.ds_config = ds_cfg
+        self._scalars = set(promote_scalar_parameters(model))
         engine, ds_opt, _, _ = deepspeed.initialize(
             model=model.to(self.device), optimizer=optimizer, config=ds_cfg
         )
@@ -152,6 +191,8 @@ class DeepSpeedStrategy(Strategy):
         for name, p in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 out[name] = p.detach().float().cpu().clone()
+            if name in self._scalars:  # held as (1,) for DeepSpeed (promote_scalar_parameters)
+                out[name] = out[name].reshape(())
         for name, b in self.module.named_buffers():
             out[name] = b.detach().cpu().clone()
         return out

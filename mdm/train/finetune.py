@@ -81,7 +81,14 @@ def load_pretraining_heads(model: torch.nn.Module, init: str) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
-    found = {ours: saved[theirs] for ours, theirs in mapping.items() if theirs in saved}
+    own = model.state_dict()
+    found = {  # a (1,) temperature from a ZeRO-3 consolidation fits a 0-dim one
+        ours: saved[theirs].reshape(own[ours].shape)
+        if saved[theirs].numel() == own[ours].numel()
+        else saved[theirs]
+        for ours, theirs in mapping.items()
+        if theirs in saved
+    }
     if not found:
         return
     if len(found) != len(mapping):
