@@ -1,4 +1,8 @@
-"""``mdm import unilm <checkpoint.pth> <out_dir>``: torchscale/unilm BEiT-3 → mdm model directory."""
+"""``mdm import unilm <checkpoint.pth> <out_dir>``: torchscale/unilm BEiT-3 → mdm model directory.
+
+``mdm import beats <checkpoint.pt> <out_dir>``: a released BEATs checkpoint (microsoft/unilm ``beats/``)
+→ an mdm model directory of the ``beats`` family (:mod:`mdm.export.beats`).
+"""
 
 from __future__ import annotations
 
@@ -23,11 +27,36 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("out_dir", help="directory to write")
     u.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-standard widths")
     u.add_argument("--img-size", type=int, default=None, help="resize position embeddings to this resolution")
+    b = sub.add_parser(
+        "beats",
+        help="released BEATs checkpoint (.pt: {'cfg', 'model'})",
+        description="Convert a released BEATs checkpoint (pre-trained or AudioSet fine-tuned) into an mdm "
+        "model directory loadable by mdm.from_pretrained. Read with torch.load(weights_only=True).",
+    )
+    b.add_argument("checkpoint", help="the .pt file")
+    b.add_argument("out_dir", help="directory to write")
     return p
+
+
+def _import_beats(args: argparse.Namespace) -> int:
+    from mdm.export.beats import import_beats
+    from mdm.models.io import read_meta
+
+    try:
+        out = import_beats(args.checkpoint, args.out_dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mdm import: {e}", file=sys.stderr)
+        return 1
+    m = read_meta(out)["model"]
+    head = f", AudioSet predictor with {m['predictor_class']} classes" if m["finetuned_model"] else ""
+    print(f"wrote {out} (BEATs: {m['encoder_layers']} layers, width {m['encoder_embed_dim']}{head})")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.source == "beats":
+        return _import_beats(args)
     from mdm.export.unilm import import_unilm
 
     try:
