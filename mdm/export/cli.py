@@ -1,4 +1,5 @@
-"""``mdm import unilm <checkpoint.pth> <out_dir>``: torchscale/unilm BEiT-3 → mdm model directory.
+"""``mdm import unilm|audiomae <checkpoint.pth> <out_dir>``: torchscale/unilm BEiT-3 or AudioMAE → an mdm
+model directory.
 
 ``mdm import beats <checkpoint.pt> <out_dir>``: a released BEATs checkpoint (microsoft/unilm ``beats/``)
 → an mdm model directory of the ``beats`` family (:mod:`mdm.export.beats`).
@@ -27,6 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("out_dir", help="directory to write")
     u.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-standard widths")
     u.add_argument("--img-size", type=int, default=None, help="resize position embeddings to this resolution")
+    a = sub.add_parser(
+        "audiomae",
+        help="AudioMAE checkpoint (.pth, pretrained or fine-tuned)",
+        description="Convert an AudioMAE checkpoint ({'model': ...}; timm ViT names) into an mdm audiomae_* "
+        "model directory; a fine-tuned head goes to heads.safetensors, the pretraining decoder is dropped. "
+        "Read with torch.load(weights_only=True).",
+    )
+    a.add_argument("checkpoint", help="the .pth file")
+    a.add_argument("out_dir", help="directory to write")
+    a.add_argument("--num-heads", type=int, default=None, help="attention heads (default: width / 64)")
     b = sub.add_parser(
         "beats",
         help="released BEATs checkpoint (.pt: {'cfg', 'model'})",
@@ -36,6 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("checkpoint", help="the .pt file")
     b.add_argument("out_dir", help="directory to write")
     return p
+
+
+def _import_audiomae(args: argparse.Namespace) -> int:
+    from mdm.export.audiomae import import_audiomae
+
+    try:
+        out, info = import_audiomae(args.checkpoint, args.out_dir, num_heads=args.num_heads)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mdm import: {e}", file=sys.stderr)
+        return 1
+    cfg, heads = info["config"], info["heads"]
+    kept = f", head {heads} kept in heads.safetensors" if heads else ""
+    print(
+        f"wrote {out} ({cfg.arch}: depth {cfg.depth}, width {cfg.embed_dim}, {cfg.audio_frames} frames x "
+        f"{cfg.audio_mel_bins} mel bins; {len(info['dropped'])} decoder tensors dropped{kept})"
+    )
+    return 0
 
 
 def _import_beats(args: argparse.Namespace) -> int:
@@ -55,6 +83,8 @@ def _import_beats(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.source == "audiomae":
+        return _import_audiomae(args)
     if args.source == "beats":
         return _import_beats(args)
     from mdm.export.unilm import import_unilm
