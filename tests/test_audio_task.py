@@ -275,6 +275,13 @@ def test_finetune_evaluate_one_fold(tmp_path, world, beats_dir, capsys):
     assert evaluate_main(["--checkpoint", str(ckpt), "--metrics-json", str(out), "--batch-size", "4"]) == 0
     again = json.loads(out.read_text())
     assert abs(again["acc"] - metrics["acc"]) < 1e-9 and abs(again["mAP"] - metrics["mAP"]) < 1e-6
+    from mdm.tasks.cli_predict import main as predict_main
+
+    preds = tmp_path / "p.json"
+    assert predict_main(["--checkpoint", str(ckpt), "--output", str(preds)]) == 0
+    rows = json.loads(preds.read_text())
+    assert len(rows) == 10 and all(r["audio"].split("/")[-1].startswith("3-") for r in rows)
+    assert all(r["label"] == r["top5"][0] and r["label"] in CLASSES for r in rows)
 
 
 def test_finetune_multiway_audio_expert_from_scratch(tmp_path, world):
