@@ -59,6 +59,10 @@ class ModelConfig:
         drop_path_rate: stochastic depth at the last layer (linearly increasing from 0).
         attn_drop: attention-probability dropout.
         grad_checkpointing: recompute layer activations in the backward pass.
+        unpad: compute only on the real tokens of padded input (text with a padding mask): they are
+            packed into one (n_real, D) matrix at the embedding and scattered to the padded layout for
+            attention only (:mod:`mdm.models.layers.packing`). Outputs are the same as without it (the
+            encoder returns 0 at padded positions either way); False runs the padded computation.
     """
 
     arch: str = "vlmo_tiny"
@@ -81,6 +85,7 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     attn_drop: float = 0.0
     grad_checkpointing: bool = False
+    unpad: bool = True
 
     @classmethod
     def config_defaults(cls, data: Mapping[str, Any]) -> dict[str, Any]:

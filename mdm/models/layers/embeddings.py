@@ -48,7 +48,9 @@ class PatchEmbed(nn.Module):
         return torch.cat([cls, x], dim=1)
 
 
-def resize_vision_pos_table(table: torch.Tensor, new_grid: int, num_extra: int = POS_OFFSET + 1) -> torch.Tensor:
+def resize_vision_pos_table(
+    table: torch.Tensor, new_grid: int, num_extra: int = POS_OFFSET + 1
+) -> torch.Tensor:
     """Bicubically resizes a (num_extra + g*g, D) position table to ``new_grid`` × ``new_grid`` patches.
 
     The first ``num_extra`` rows (fairseq offset rows and [CLS]) are kept as they are, as unilm's
