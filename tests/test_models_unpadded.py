@@ -239,3 +239,24 @@ def test_packing_round_trip_and_indices():
     back = layout.gather(joint)
     torch.testing.assert_close(back[0], parts[0])
     torch.testing.assert_close(back[1], packed)
+
+
+@pytest.mark.parametrize("arch", ["beit3_tiny", "vlmo_tiny"])
+def test_same_module_calls_and_gradient_order_with_and_without_padding(arch):
+    """ZeRO-3 turns every module call into a parameter all-gather and reduces gradients in the order they
+    become ready, so ranks whose batches differ only in padding must call the same modules and produce
+    gradients in the same order (a difference aborted a 2-rank ZeRO-3 run with a collective mismatch)."""
+    model = tiny(arch).train()
+    calls, ready = [], []
+    for n, m in model.named_modules():
+        m.register_forward_pre_hook(lambda m, a, n=n: calls.append(n))
+    for n, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, n=n: ready.append(n))
+    traces = {}
+    for pattern in ("none", "ragged"):
+        calls.clear(), ready.clear()
+        for modality in ("text", "joint"):
+            model(**inputs(modality, pattern)).square().mean().backward()
+        traces[pattern] = (list(calls), list(ready))
+    assert traces["none"][0] == traces["ragged"][0]
+    assert traces["none"][1] == traces["ragged"][1] and len(traces["none"][1]) > 10

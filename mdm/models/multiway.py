@@ -237,10 +237,11 @@ class MultiwayTransformer(nn.Module):
         """The real tokens of :meth:`embed_text` only, packed: (n_real, D) (the same values)."""
         self._check_text_length(text.shape[1])
         ids = text.reshape(-1).index_select(0, packing.index)  # (n_real,)
-        # the position table is read as in embed_text, not called as a module: under ZeRO-3 every rank
-        # must fetch the same modules in the same order, whether or not its batch has padding
-        positions = self.text_pos_embed.weight.index_select(0, packing.positions + POS_OFFSET)
-        return self.text_embed(ids) + positions
+        # Same module calls and the same autograd order as embed_text (token lookup first, then the
+        # position table read, not called): under ZeRO-3 every rank must fetch the same modules and
+        # reduce the same gradients in the same order, whether or not its batch has padding.
+        tokens = self.text_embed(ids)
+        return tokens + self.text_pos_embed.weight.index_select(0, packing.positions + POS_OFFSET)
 
     def _check_text_length(self, T: int) -> None:
         if T > self.cfg.max_text_positions - POS_OFFSET:
