@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mdm.distributed.strategy import DistributedConfig, Strategy, init_process_group
+from mdm.distributed.strategy import DistributedConfig, Strategy, init_process_group, use_fused_adamw
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,8 @@ class DeepSpeedStrategy(Strategy):
         )
         self.ds_config = ds_cfg
         self._scalars = set(promote_scalar_parameters(model))
+        if self.precision.fused_adamw:
+            use_fused_adamw(optimizer)
         engine, ds_opt, _, _ = deepspeed.initialize(
             model=model.to(self.device), optimizer=optimizer, config=ds_cfg
         )
@@ -153,8 +155,11 @@ class DeepSpeedStrategy(Strategy):
         return self._raw
 
     def autocast(self):
-        # DeepSpeed casts the model itself for fp16/bf16; inputs are cast by the trainer.
-        return torch.autocast(self.device.type, enabled=False)
+        # DeepSpeed casts the weights to fp16/bf16 itself; autocast casts the fp32 inputs (pixels) for
+        # the matmuls and convolutions and keeps the norms and softmax in fp32.
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
