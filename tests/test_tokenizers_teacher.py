@@ -77,6 +77,10 @@ def test_onnx_teacher_is_cut_at_the_named_tensor(tmp_path):
     assert torch.allclose(tokens, ref.flatten(2).transpose(1, 2), atol=1e-5)
     kept = OnnxFeatures(tmp_path / "seq.onnx", output="tokens", prefix_tokens=0)(x)
     assert kept.shape == (2, 5, 5)
+    gpu_first = OnnxFeatures(tmp_path / "map.onnx", "feat", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert "CPUExecutionProvider" in gpu_first.session.get_providers()  # falls back when there is no GPU
+    with pytest.raises(ValueError, match="none is available"):
+        OnnxFeatures(tmp_path / "map.onnx", "feat", ["NoSuchExecutionProvider"])
     with pytest.raises(ValueError, match="no tensor named"):
         OnnxFeatures(tmp_path / "seq.onnx", output="nope")
     cfg = TeacherConfig(kind="onnx", name=str(tmp_path / "seq.onnx"), output="tokens", img_size=8,

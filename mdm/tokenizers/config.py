@@ -70,6 +70,13 @@ class DVAETrainConfig:
         kl_warmup_steps: steps over which β goes from start to end.
         recon: reconstruction likelihood: DALL-E's logit-Laplace, or plain MSE.
         diversity_weight: weight of the batch-level code diversity loss (0 = the DALL-E objective).
+        init_codes: initialise the code-logit layer by k-means on the first training batch's encoder
+            features (:meth:`mdm.tokenizers.dvae.DVAE.init_codes`), so that codes differ between inputs
+            from the first step.
+        init_scale: logit gap per unit of cosine of that initialisation.
+        encoder_warmup_steps: the encoder (with its initial codes) stays fixed for this many steps while
+            the decoder learns to read the codes; a decoder that starts by ignoring them teaches the
+            encoder nothing, and small dVAEs then send every position to one code.
     """
 
     temperature: tuple[float, float] = (1.0, 1.0 / 16)
@@ -78,6 +85,9 @@ class DVAETrainConfig:
     kl_warmup_steps: int = 5_000
     recon: Literal["logit_laplace", "mse"] = "logit_laplace"
     diversity_weight: float = 0.0
+    init_codes: bool = False
+    init_scale: float = 100.0
+    encoder_warmup_steps: int = 0
 
 
 @dataclass
@@ -174,6 +184,8 @@ class TeacherConfig:
             (``data.crop_scale`` must be ``[1, 1]``) and holds the images in memory.
         cache_file: keep the cached features in this safetensors file and reuse them when the images
             and the teacher are the same (empty: in memory only).
+        cache_max_images: with ``cache``, train on (and teach) at most this many images, the first ones
+            of the source (0: all of them).
         batch_size: images per teacher call when filling the cache.
     """
 
@@ -191,6 +203,7 @@ class TeacherConfig:
     grid_resample: Literal["bilinear", "avg"] = "bilinear"
     cache: bool = False
     cache_file: str = ""
+    cache_max_images: int = 0
     batch_size: int = 32
 
 

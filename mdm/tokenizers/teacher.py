@@ -198,6 +198,20 @@ def _cut_graph(model: Any, output: str) -> None:
     graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, None))
 
 
+def _providers(ort: Any, wanted: list[str] | None) -> list[str]:
+    """The requested execution providers this onnxruntime has (CPU when none is requested)."""
+    wanted = list(wanted or ["CPUExecutionProvider"])
+    have = set(ort.get_available_providers())
+    usable = [p for p in wanted if p in have]
+    if not usable:
+        raise ValueError(
+            f"teacher.providers {wanted}: none is available in this onnxruntime ({sorted(have)})"
+        )
+    if len(usable) < len(wanted):
+        log.warning("onnxruntime has no %s; the teacher runs on %s", sorted(set(wanted) - have), usable)
+    return usable
+
+
 class OnnxFeatures:
     """An ONNX vision model as a teacher function: (B, 3, S, S) preprocessed → (B, N, C) or (B, h, w, C).
 
@@ -227,7 +241,7 @@ class OnnxFeatures:
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(
-            model.SerializeToString(), opts, providers=list(providers or ["CPUExecutionProvider"])
+            model.SerializeToString(), opts, providers=_providers(ort, providers)
         )
         self.input = self.session.get_inputs()[0].name
         self.output = output or self.session.get_outputs()[0].name

@@ -31,7 +31,12 @@ from mdm.tokenizers.teacher import Teacher
 __all__ = ["CachedTargets", "teacher_features", "cached_targets"]
 
 log = logging.getLogger(__name__)
-CACHE_FIELDS = ("cache", "cache_file", "batch_size")  # teacher settings that do not change the features
+CACHE_FIELDS = (
+    "cache",
+    "cache_file",
+    "cache_max_images",
+    "batch_size",
+)  # teacher settings that do not change the features
 
 
 @torch.no_grad()
@@ -116,6 +121,8 @@ def cached_targets(
             "computed once per whole image, a random crop would need the teacher again"
         )
     limit = cfg.data.num_images if cfg.data.source == "demo" else 1 << 62
+    if cfg.teacher.cache_max_images > 0:
+        limit = min(limit, cfg.teacher.cache_max_images)
     images = load_images(cfg.data, img_size, limit, seed=cfg.seed)  # (N, 3, S, S)
     key = _cache_key(cfg, grid, images)
     path = Path(cfg.teacher.cache_file) if cfg.teacher.cache_file else None

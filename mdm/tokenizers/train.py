@@ -173,6 +173,8 @@ def train_tokenizer(
         start = int(state["step"])
         log.info("resumed from %s at step %d", out_dir / STATE, start)
     stream = _stream(cfg, tok, teacher, g)
+    if isinstance(tok, DVAE) and cfg.dvae_train.init_codes and start == 0:
+        tok.init_codes(next(stream), scale=cfg.dvae_train.init_scale, generator=g)
     hist = CodeHistogram(tok.codebook_size)
     n_params = sum(p.numel() for p in tok.parameters() if p.requires_grad)
     log.info(
@@ -188,6 +190,9 @@ def train_tokenizer(
         out = _step_loss(tok, teacher, images, step, cfg, g, target)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        if isinstance(tok, DVAE) and step < cfg.dvae_train.encoder_warmup_steps:
+            for p in tok.encoder.parameters():  # the decoder learns to read the initial codes first
+                p.grad = None
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(tok.parameters(), cfg.optim.grad_clip)
         opt.step()
