@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from mdm.tokenizers.dvae import DVAE
 from mdm.tokenizers.evaluate import CodeHistogram, evaluate
 from mdm.tokenizers.io import save_tokenizer
 from mdm.tokenizers.teacher import Teacher, build_teacher
+from mdm.tokenizers.teacher_cache import CachedTargets, cached_targets
 from mdm.tokenizers.vqkd import VQKD
 
 __all__ = ["train_tokenizer", "lr_at", "cosine_ramp", "build_for_training", "eval_images"]
@@ -91,7 +92,7 @@ def eval_images(data: ImageDataConfig, size: int, n: int, seed: int) -> torch.Te
 
 def _step_loss(
     tok: VisualTokenizer, teacher: Teacher | None, images: torch.Tensor, step: int,
-    cfg: TokenizerTrainConfig, g: torch.Generator,
+    cfg: TokenizerTrainConfig, g: torch.Generator, target: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     if isinstance(tok, DVAE):
         t = cfg.dvae_train
@@ -107,9 +108,19 @@ def _step_loss(
         )
         out["tau"], out["kl_weight"] = torch.tensor(tau), torch.tensor(beta)
         return out
-    assert teacher is not None
-    target = teacher(images, tok.grid_size)  # (B, h, w, C)
+    if target is None:  # not cached: the teacher runs on this step's views
+        assert teacher is not None
+        target = teacher(images, tok.grid_size)  # (B, h, w, C)
     return tok(images, target, generator=g)
+
+
+def _stream(
+    cfg: TokenizerTrainConfig, tok: VisualTokenizer, teacher: Teacher | None, g: torch.Generator
+) -> Iterator[torch.Tensor] | CachedTargets:
+    """Training images (cropped and flipped on the fly), or (images, teacher features) from the cache."""
+    if teacher is not None and cfg.teacher.cache:
+        return cached_targets(cfg, teacher, tok.img_size, tok.grid_size, g)
+    return BatchStream(cfg.data, tok.img_size, cfg.optim.batch_size, g, seed=cfg.seed)
 
 
 def _save_state(
@@ -161,7 +172,9 @@ def train_tokenizer(
         g.set_state(state["generator"])
         start = int(state["step"])
         log.info("resumed from %s at step %d", out_dir / STATE, start)
-    stream = BatchStream(cfg.data, tok.img_size, cfg.optim.batch_size, g, seed=cfg.seed)
+    stream = _stream(cfg, tok, teacher, g)
+    if isinstance(tok, DVAE) and cfg.dvae_train.init_codes and start == 0:
+        tok.init_codes(next(stream), scale=cfg.dvae_train.init_scale, generator=g)
     hist = CodeHistogram(tok.codebook_size)
     n_params = sum(p.numel() for p in tok.parameters() if p.requires_grad)
     log.info(
@@ -172,9 +185,14 @@ def train_tokenizer(
         lr = lr_at(step, cfg.optim)
         for group in opt.param_groups:
             group["lr"] = lr
-        out = _step_loss(tok, teacher, next(stream), step, cfg, g)
+        batch = next(stream)
+        images, target = batch if isinstance(batch, tuple) else (batch, None)
+        out = _step_loss(tok, teacher, images, step, cfg, g, target)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        if isinstance(tok, DVAE) and step < cfg.dvae_train.encoder_warmup_steps:
+            for p in tok.encoder.parameters():  # the decoder learns to read the initial codes first
+                p.grad = None
         if cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(tok.parameters(), cfg.optim.grad_clip)
         opt.step()
