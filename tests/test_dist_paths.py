@@ -151,3 +151,109 @@ def test_vqkd_training_on_two_ranks_agrees_across_ranks_and_with_the_all_reduce(
         assert torch.allclose(u0["after"][live], expected[live], atol=2e-6), step
         assert torch.equal(u0["after"], u1["after"])
     assert restarts > 0  # the restart path ran
+
+
+# ------------------------------------------------------------------------------------------- fine-tuning
+RETRIEVAL = "configs/finetune/demo_retrieval.yaml"
+RETRIEVAL_METRICS = {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean"}
+
+
+def _finetune_argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", "--config", RETRIEVAL, "--metrics-json", str(out / "metrics.json"),
+        f"data.root={data}", "text_tokenizer=hash:512", "data.image_size=32", "model.img_size=32",
+        "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.ffn_dim=128",
+        "batch_size=4", "eval_batch_size=4", "epochs=0", "warmup_epochs=0", "optim.warmup_steps=1",
+        "train.steps=4", "train.ckpt_every=2", "train.keep_last=1", f"train.out_dir={out}",
+        "logging.every=1", "logging.progress=false", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finetuning(tmp_path_factory):
+    """One launch: retrieval fine-tuning under ZeRO-2 and under ZeRO-3 through ``mdm finetune``, then
+    ``mdm evaluate`` and ``mdm predict`` of the ZeRO-3 model on the same 2 ranks."""
+    from mdm.tasks.fixtures import write_karpathy
+
+    root = tmp_path_factory.mktemp("finetuning")
+    data = root / "retrieval"
+    write_karpathy(data, {"train": 8, "val": 12, "test": 12})
+    z3 = root / "zero3"
+    common = [f"data.root={data}", "--num-workers", "0", "--batch-size", "3"]
+    plan = [
+        ["cli", *_finetune_argv(data, root / "zero2", "distributed.zero_stage=2")],
+        ["cli", *_finetune_argv(data, z3, "distributed.zero_stage=3")],
+        ["cli", "evaluate", "--checkpoint", str(z3 / "model"), "--split", "val",
+         "--metrics-json", str(z3 / "evaluate_2ranks.json"), *common],
+        ["cli", "predict", "--checkpoint", str(z3 / "model"), "--split", "test",
+         "--output", str(z3 / "predict_2ranks.json"), *common],
+    ]  # fmt: skip
+    torchrun([WORKER, _plan(root / "plan.json", plan)])
+    return root
+
+
+def _evaluate_one_process(model_dir: Path, data: Path, out: Path, split: str = "val") -> dict:
+    from mdm.tasks.cli_evaluate import main
+
+    argv = ["--checkpoint", str(model_dir), f"data.root={data}", "--split", split, "--metrics-json", str(out)]
+    assert main([*argv, "--num-workers", "0"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_retrieval_finetune_under_zero2_through_the_cli(finetuning, tmp_path):
+    from mdm.tasks.io import load_task_model
+    from mdm.train.checkpoint import latest_checkpoint
+    from mdm.train.metrics import read_metrics
+
+    run = finetuning / "zero2"
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    assert (latest_checkpoint(run / "checkpoints") / "deepspeed").is_dir()
+    in_run = json.loads((run / "metrics.json").read_text())  # evaluated by the ZeRO-2 engine on 2 ranks
+    assert set(in_run) == RETRIEVAL_METRICS
+    _, model, _ = load_task_model(run / "model")
+    assert model.logit_scale.shape == ()
+    # the gathered model, evaluated afresh in one process, scores what the 2-rank run reported
+    again = _evaluate_one_process(run / "model", finetuning / "retrieval", tmp_path / "m.json")
+    assert again == pytest.approx(in_run, abs=1e-6)
+
+
+def test_evaluate_and_predict_on_two_ranks_of_a_zero3_finetune(finetuning, tmp_path):
+    from mdm.tasks.cli_predict import main as predict_main
+
+    run, data = finetuning / "zero3", finetuning / "retrieval"
+    in_run = json.loads((run / "metrics.json").read_text())  # task.evaluate on the ZeRO-3 engine
+    two_ranks = json.loads((run / "evaluate_2ranks.json").read_text())  # mdm evaluate under torchrun
+    one = _evaluate_one_process(run / "model", data, tmp_path / "m.json")
+    assert set(in_run) == RETRIEVAL_METRICS
+    assert two_ranks == pytest.approx(in_run, abs=1e-6) and one == pytest.approx(in_run, abs=1e-6)
+    out = tmp_path / "p.json"
+    argv = ["--checkpoint", str(run / "model"), f"data.root={data}", "--split", "test", "--output", str(out)]
+    assert predict_main([*argv, "--num-workers", "0"]) == 0
+    single = json.loads(out.read_text())
+    assert len(single) == 24 and json.loads((run / "predict_2ranks.json").read_text()) == single
+
+
+def test_zero3_checkpoint_consolidated_offline_loads_into_a_task_model(finetuning, tmp_path):
+    from safetensors.torch import load_file
+
+    from mdm.models import MultiwayTransformer, read_model_config
+    from mdm.tasks import TaskConfig, TaskDataConfig, build_task
+    from mdm.tasks.io import load_task_model
+    from mdm.train.checkpoint import latest_checkpoint
+    from mdm.train.consolidate import consolidate
+
+    run = finetuning / "zero3"
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt.name == "step-00000004" and (ckpt / "deepspeed").is_dir()
+    out = consolidate(ckpt, tmp_path / "consolidated", keep_heads=True)
+    sd = {f"backbone.{k}": v for k, v in load_file(str(out / "model.safetensors")).items()}
+    sd.update(load_file(str(out / "heads.safetensors")))
+    assert sd["logit_scale"].shape == ()  # the model's own shape, not DeepSpeed's (1,)
+    task = build_task(TaskConfig(name="retrieval"), TaskDataConfig(root=str(finetuning / "retrieval")))
+    model = task.build_model(MultiwayTransformer(read_model_config(out)[0]))  # fresh weights
+    model.load_state_dict(sd)  # plain and strict
+    _, gathered, _ = load_task_model(run / "model")  # gathered in-process at the end of the run
+    for name, value in gathered.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
