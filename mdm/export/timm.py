@@ -39,11 +39,19 @@ CONFIG = "config.json"
 _ARCH_BY_EPS = {1e-5: "beit3_base_patch16_224", 1e-6: "vit_base_patch16_224"}
 _CLASSIFIER = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
 # mdm keys of the text / vision-language branches and of MIM-only tensors: not part of the vision tower.
-_NOT_VISION = ("text_embed.", "text_pos_embed.", "vision_embed.mask_token", "norm.text.")
+_NOT_VISION = (
+    "text_embed.",
+    "text_pos_embed.",
+    "vision_embed.mask_token",
+    "norm.text.",
+    "audio_embed.",
+    "audio_pos_embed",
+    "norm.audio.",
+)
 
 
 def _is_vision_key(k: str) -> bool:
-    return not (k.startswith(_NOT_VISION) or ".text." in k or ".vl." in k)
+    return not (k.startswith(_NOT_VISION) or ".text." in k or ".vl." in k or ".audio." in k)
 
 
 def _layer_map(cfg: ModelConfig, i: int) -> dict[str, str]:
@@ -85,6 +93,11 @@ def timm_model_args(cfg: ModelConfig, heads: Mapping[str, torch.Tensor] | None =
     Raises:
         ValueError: when the structure has no timm equivalent.
     """
+    if not cfg.has_vision:
+        raise ValueError(
+            f"a {cfg.arch} model has no vision tower to export to timm (modalities {cfg.modalities}); "
+            "use --format safetensors"
+        )
     arch = _ARCH_BY_EPS.get(cfg.norm_eps)
     if arch is None:
         raise ValueError(

@@ -292,6 +292,8 @@ def check_unilm_layout(cfg: ModelConfig) -> None:
         "norm_eps": 1e-5,
     }
     bad = [f"{k}={getattr(cfg, k)!r} (unilm needs {v!r})" for k, v in wanted.items() if getattr(cfg, k) != v]
+    if list(cfg.modalities) != ["vision", "text"]:
+        bad.append(f"modalities={list(cfg.modalities)!r} (unilm needs ['vision', 'text'])")
     if bad:
         raise ValueError(
             f"a {cfg.arch} model cannot be written in the unilm/torchscale BEiT-3 layout: "

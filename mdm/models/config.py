@@ -8,13 +8,20 @@ Two layouts share one implementation:
 * ``beit3_*`` — the released BEiT-3 (torchscale ``BEiT3``): every Linear and LayerNorm, attention
   included, has a vision and a language copy; Sub-LN (Magneto); no VL-FFN. State dicts convert to and
   from torchscale/unilm checkpoints (see :mod:`mdm.export.unilm`).
+
+Audio (``docs/audio.md``) is a third modality of the same layouts: ``modalities`` lists which experts
+exist. ``audiomae_*`` is audio alone with AudioMAE's encoder shapes (a pre-LN ViT over 16×16
+spectrogram patches; released checkpoints import with ``mdm import audiomae``); ``beats_*`` has
+BEATs' shapes, trained here with the ``beats`` objective (released BEATs checkpoints, with their
+post-LN, convolutional positions and gated relative bias, load into :class:`mdm.models.BEATsEncoder`
+instead); ``vlmo_*_audio`` adds an audio expert to VLMo's vision and language experts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mdm.registry import Registry
@@ -59,6 +66,13 @@ class ModelConfig:
         drop_path_rate: stochastic depth at the last layer (linearly increasing from 0).
         attn_drop: attention-probability dropout.
         grad_checkpointing: recompute layer activations in the backward pass.
+        modalities: which experts and embeddings exist: ``vision``, ``text``, ``audio``.
+        audio_frames: fbank frames T the audio position table is built for (1024 = AudioMAE's 10.24 s);
+            other lengths crop it or interpolate it along time.
+        audio_mel_bins: mel bins F of the audio input (128 in AudioMAE and BEATs).
+        audio_patch_size: side of a square spectrogram patch (16 × 16 over time × frequency).
+        audio_pos_trainable: learn the audio positions (initialised to 2-D sine-cosine); False keeps
+            them fixed, as AudioMAE (a buffer, still saved, so an imported table is used as it is).
     """
 
     arch: str = "vlmo_tiny"
@@ -81,6 +95,11 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     attn_drop: float = 0.0
     grad_checkpointing: bool = False
+    modalities: list[str] = field(default_factory=lambda: ["vision", "text"])
+    audio_frames: int = 1024
+    audio_mel_bins: int = 128
+    audio_patch_size: int = 16
+    audio_pos_trainable: bool = False
 
     @classmethod
     def config_defaults(cls, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,6 +117,19 @@ class ModelConfig:
             raise ValueError(f"vl_ffn_layers {self.vl_ffn_layers} must be in [0, depth={self.depth}]")
         if self.max_text_positions < 3:
             raise ValueError("max_text_positions must be at least 3 (two rows are the fairseq offset)")
+        known = ("vision", "text", "audio")
+        bad = [m for m in self.modalities if m not in known]
+        if bad or not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities {self.modalities} must be distinct names among {list(known)}")
+        if self.has_audio:
+            p = self.audio_patch_size
+            if self.audio_frames % p or self.audio_mel_bins % p:
+                raise ValueError(
+                    f"audio_frames {self.audio_frames} and audio_mel_bins {self.audio_mel_bins} must be "
+                    f"multiples of audio_patch_size {p}"
+                )
+            if self.embed_dim % 4:
+                raise ValueError(f"audio positions need embed_dim divisible by 4, got {self.embed_dim}")
 
     @property
     def grid_size(self) -> int:
@@ -112,6 +144,30 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def has_vision(self) -> bool:
+        return "vision" in self.modalities
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.modalities
+
+    @property
+    def has_audio(self) -> bool:
+        return "audio" in self.modalities
+
+    def audio_grid(self, frames: int | None = None) -> tuple[int, int]:
+        """(time patches, frequency patches) of a clip of ``frames`` fbank frames (default
+        ``audio_frames``): (64, 8) for AudioMAE's 1024 × 128."""
+        p = self.audio_patch_size
+        return (frames if frames is not None else self.audio_frames) // p, self.audio_mel_bins // p
+
+    @property
+    def audio_num_patches(self) -> int:
+        """Patches of an ``audio_frames``-long clip (512 for 1024 × 128)."""
+        t, f = self.audio_grid()
+        return t * f
 
 
 def preset_values(arch: str) -> dict[str, Any]:
@@ -160,6 +216,49 @@ def _register_presets() -> None:
 
         PRESETS.register(f"beit3_{size}")(beit3)
         PRESETS.register(f"vlmo_{size}")(vlmo)
+        if size in AUDIO_SIZES:
+            _register_audio_presets(size, vlmo)
+
+
+# Sizes with audio presets, and the clip length their position table is built for (tiny: 5.12 s).
+AUDIO_SIZES = {"tiny": 512, "base": 1024, "large": 1024}
+
+
+def _register_audio_presets(size: str, vlmo: Any) -> None:
+    frames = AUDIO_SIZES[size]
+    audio = dict(audio_frames=frames, audio_mel_bins=128, audio_patch_size=16)
+
+    def audiomae() -> dict[str, Any]:
+        # AudioMAE's encoder (models_vit.py / models_mae.py): timm ViT blocks, pre-LN eps 1e-6, qkv bias,
+        # no layer scale, fixed 2-D sine-cosine positions, one input channel, 1024 x 128 input.
+        return dict(
+            _size(size),
+            **audio,
+            modalities=["audio"],
+            shared_attention=True,
+            vl_ffn_layers=0,
+            subln=False,
+            layer_scale_init=0.0,
+            norm_eps=1e-6,
+            qkv_bias=True,
+            normalize_output=True,
+            audio_pos_trainable=False,
+        )
+
+    def beats() -> dict[str, Any]:
+        # BEATs-base *shapes* (12 x 768, 12 heads, FFN 3072) in mdm's pre-LN block, eps 1e-5 as fairseq's
+        # LayerNorm, learned positions (BEATs learns convolutional ones); trained with objectives: [beats].
+        return dict(audiomae(), norm_eps=1e-5, audio_pos_trainable=True)
+
+    def vlmo_audio() -> dict[str, Any]:
+        # VLMo with a third FFN expert for audio beside vision and language; joint audio-text input uses
+        # the VL-FFN of the top layers, as image-text does.
+        return dict(vlmo(), **audio, modalities=["vision", "text", "audio"], audio_pos_trainable=False)
+
+    PRESETS.register(f"audiomae_{size}")(audiomae)
+    if size != "large":
+        PRESETS.register(f"beats_{size}")(beats)
+        PRESETS.register(f"vlmo_{size}_audio")(vlmo_audio)
 
 
 _register_presets()

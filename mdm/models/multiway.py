@@ -1,7 +1,10 @@
 """The Multiway Transformer backbone (VLMo, Bao et al. 2022; BEiT-3, Wang et al. 2023).
 
-One encoder for images, text and image-text pairs. The sequence is ``[image CLS, patches..., text...]``;
-which tokens are vision and which text is the explicit argument ``n_vision`` passed down to every layer.
+One encoder for images, text and image-text pairs, and — with ``"audio"`` in ``ModelConfig.modalities`` —
+audio clips and audio-text pairs (an audio expert beside the others, as ONE-PEACE, Wang et al. 2023).
+The sequence is ``[image CLS, patches..., text...]`` or ``[audio CLS, spectrogram patches..., text...]``;
+which tokens are which is the explicit routing (``n_vision`` and the parts' ``kinds``) passed down to
+every layer.
 With ``ModelConfig.shared_attention=False, vl_ffn_layers=0, subln=True`` the computation is exactly
 torchscale's ``BEiT3`` (checked by ``tests/test_parity_torchscale.py``).
 """
@@ -16,14 +19,23 @@ from torch import nn
 
 from mdm.models.config import ModelConfig
 from mdm.models.layers.attention import MultiwayAttention
-from mdm.models.layers.embeddings import POS_OFFSET, PatchEmbed, resize_vision_pos_table
+from mdm.models.layers.embeddings import (
+    POS_OFFSET,
+    AudioPatchEmbed,
+    PatchEmbed,
+    audio_pos_table,
+    resize_audio_pos_table,
+    resize_vision_pos_table,
+)
 from mdm.models.layers.ffn import FeedForward, drop_path_scale
 from mdm.models.layers.multiway import (
+    AUDIO,
     TEXT,
     VISION,
     Multiway,
     join_parts,
     maybe_multiway,
+    ordered_kinds,
     part_kinds,
     route_parts,
     split_parts,
@@ -43,11 +55,14 @@ class MultiwayBlock(nn.Module):
         super().__init__()
         multiway_attn = not cfg.shared_attention
         dim, eps = cfg.embed_dim, cfg.norm_eps
-        self.attn_norm = maybe_multiway(lambda: nn.LayerNorm(dim, eps=eps), multiway_attn)
+        kinds = ordered_kinds(cfg.modalities)
+        self.attn_norm = maybe_multiway(lambda: nn.LayerNorm(dim, eps=eps), multiway_attn, kinds=kinds)
         self.attn = MultiwayAttention(
-            dim, cfg.num_heads, multiway_attn, cfg.qkv_bias, cfg.subln, eps, cfg.attn_drop
+            dim, cfg.num_heads, multiway_attn, cfg.qkv_bias, cfg.subln, eps, cfg.attn_drop, kinds=kinds
         )
-        self.ffn = Multiway(lambda: FeedForward(dim, cfg.ffn_dim, cfg.subln, eps), with_vl=with_vl_ffn)
+        self.ffn = Multiway(
+            lambda: FeedForward(dim, cfg.ffn_dim, cfg.subln, eps), with_vl=with_vl_ffn, kinds=kinds
+        )
         self.drop_path_rate = drop_path_rate
         if cfg.layer_scale_init > 0:
             self.gamma_attn = nn.Parameter(torch.full((dim,), cfg.layer_scale_init))
@@ -56,17 +71,25 @@ class MultiwayBlock(nn.Module):
             self.gamma_attn = self.gamma_ffn = None
 
     def forward(
-        self, x: torch.Tensor | list[torch.Tensor], n_vision: int, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor | list[torch.Tensor],
+        n_vision: int,
+        mask: torch.Tensor | None,
+        kinds: tuple[str, ...] | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """(B, N, D) → (B, N, D); ``mask`` as in :class:`MultiwayAttention`.
 
         ``x`` may also be the sequence's modality parts ``[vision (B, n_vision, D), text (B, T, D)]`` (or
-        one of them), as the encoder keeps them between layers; the result is then parts alike.
+        one of them), as the encoder keeps them between layers; the result is then parts alike. ``kinds``
+        names the parts' modalities explicitly (needed for audio: ``(AUDIO,)`` or ``(AUDIO, TEXT)``);
+        without it they follow from ``n_vision``.
         """
         if isinstance(x, torch.Tensor):
-            parts, kinds = split_parts(x, n_vision)
-            return join_parts(self.forward_parts(parts, kinds, mask))
-        return self.forward_parts(list(x), part_kinds(len(x), n_vision), mask)
+            parts, split_kinds = split_parts(x, n_vision)
+            if kinds is not None and len(kinds) == len(parts):
+                split_kinds = tuple(kinds)
+            return join_parts(self.forward_parts(parts, split_kinds, mask))
+        return self.forward_parts(list(x), kinds or part_kinds(len(x), n_vision), mask)
 
     def forward_parts(
         self, parts: list[torch.Tensor], kinds: tuple[str, ...], mask: torch.Tensor | None
@@ -107,17 +130,31 @@ class MultiwayTransformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         D = cfg.embed_dim
-        self.text_embed = nn.Embedding(cfg.vocab_size, D)
-        self.vision_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
-        # fairseq layout: row 0-1 unused, row 2 = [CLS], rows 3.. = patches in raster order.
-        self.vision_pos_embed = nn.Embedding(cfg.num_patches + 1 + POS_OFFSET, D)
-        self.text_pos_embed = nn.Embedding(cfg.max_text_positions, D)
+        if cfg.has_text:
+            self.text_embed = nn.Embedding(cfg.vocab_size, D)
+        if cfg.has_vision:
+            self.vision_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+            # fairseq layout: row 0-1 unused, row 2 = [CLS], rows 3.. = patches in raster order.
+            self.vision_pos_embed = nn.Embedding(cfg.num_patches + 1 + POS_OFFSET, D)
+        if cfg.has_text:
+            self.text_pos_embed = nn.Embedding(cfg.max_text_positions, D)
+        if cfg.has_audio:
+            self.audio_embed = AudioPatchEmbed(cfg.audio_patch_size, D)
+            # row 0 = [CLS], rows 1.. = patches time-major (t · F/p + f); AudioMAE's pos_embed layout
+            table = audio_pos_table(*cfg.audio_grid(), D)  # (1 + P, D)
+            if cfg.audio_pos_trainable:
+                self.audio_pos_embed = nn.Parameter(table)
+            else:
+                self.register_buffer("audio_pos_embed", table)
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         first_vl = cfg.depth - cfg.vl_ffn_layers
         self.layers = nn.ModuleList(
             MultiwayBlock(cfg, rates[i], with_vl_ffn=i >= first_vl) for i in range(cfg.depth)
         )
-        self.norm = Multiway(lambda: nn.LayerNorm(D, eps=cfg.norm_eps)) if cfg.normalize_output else None
+        kinds = ordered_kinds(cfg.modalities)
+        self.norm = (
+            Multiway(lambda: nn.LayerNorm(D, eps=cfg.norm_eps), kinds=kinds) if cfg.normalize_output else None
+        )
         self.grad_checkpointing = cfg.grad_checkpointing
         self.init_weights()
 
@@ -135,8 +172,10 @@ class MultiwayTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for name in ("cls_token", "mask_token"):
-            nn.init.trunc_normal_(getattr(self.vision_embed, name), std=0.02, a=-0.04, b=0.04)
+        for embed in ("vision_embed", "audio_embed"):
+            if hasattr(self, embed):
+                for name in ("cls_token", "mask_token"):
+                    nn.init.trunc_normal_(getattr(getattr(self, embed), name), std=0.02, a=-0.04, b=0.04)
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
                 scale = (2.0 * (i + 1)) ** -0.5
@@ -147,19 +186,24 @@ class MultiwayTransformer(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay (besides biases and norms, which timm exempts)."""
-        return {
+        names = {
             "vision_embed.cls_token",
             "vision_embed.mask_token",
             "vision_pos_embed.weight",
             "text_pos_embed.weight",
+            "audio_embed.cls_token",
+            "audio_embed.mask_token",
+            "audio_pos_embed",
         }
+        params = {n for n, _ in self.named_parameters()}
+        return names & params
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for timm's layer-wise lr decay (``param_groups_layer_decay``)."""
         return dict(
             # non-capturing: timm turns every captured group into a (numeric) ordinal
-            stem=r"^(?:text_embed|vision_embed|vision_pos_embed|text_pos_embed)",
+            stem=r"^(?:text_embed|vision_embed|vision_pos_embed|text_pos_embed|audio_embed|audio_pos_embed)",
             blocks=[(r"^layers\.(\d+)", None), (r"^norm", (99999,))],
         )
 
@@ -203,6 +247,59 @@ class MultiwayTransformer(nn.Module):
             x = torch.cat([x[:, :1], torch.gather(x[:, 1:], 1, idx)], dim=1)
         return x
 
+    def _audio_pos(self, time_patches: int) -> torch.Tensor:
+        table = self.audio_pos_embed
+        if table.shape[0] != 1 + time_patches * self.cfg.audio_grid()[1]:
+            table = resize_audio_pos_table(table, self.cfg.audio_grid()[1], time_patches)
+        return table  # (1 + t·f, D)
+
+    def embed_audio(
+        self,
+        audio: torch.Tensor,
+        audio_padding_mask: torch.Tensor | None = None,
+        audio_mask: torch.Tensor | None = None,
+        audio_visible_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Audio tokens with positions and the padding of those tokens.
+
+        Args:
+            audio: (B, T, F) normalised log-mel filterbanks; T a multiple of the patch size, F =
+                ``audio_mel_bins``.
+            audio_padding_mask: (B, T) bool, True at padded frames.
+            audio_mask: (B, P) bool, patches replaced by the audio [MASK] (BEATs-style, kept in place).
+            audio_visible_index: (B, K) long, keep only these patches (MAE-style encoder).
+
+        Returns:
+            ``(x, padding)``: x (B, 1 + P, D) or (B, 1 + K, D), [CLS] first; padding (B, 1 + P|K) bool,
+            True at patches made only of padded frames (the [CLS] never is), or None when nothing is padded.
+        """
+        B, T, Fr = audio.shape
+        p = self.cfg.audio_patch_size
+        if T % p or Fr != self.cfg.audio_mel_bins:
+            raise ValueError(
+                f"audio of shape {tuple(audio.shape)}: expected (B, T, {self.cfg.audio_mel_bins}) with T a "
+                f"multiple of the patch size {p}"
+            )
+        t_patches, f_patches = T // p, Fr // p
+        x = self.audio_embed(audio, audio_mask)  # (B, 1 + P, D)
+        x = x + self._audio_pos(t_patches).to(x.dtype)
+        padding = None
+        if audio_padding_mask is not None and bool(audio_padding_mask.any()):
+            if tuple(audio_padding_mask.shape) != (B, T):
+                raise ValueError(
+                    f"audio_padding_mask has shape {tuple(audio_padding_mask.shape)}, expected {(B, T)}"
+                )
+            # a patch is padding when all its frames are (BEATs' forward_padding_mask), time-major like x
+            frames = audio_padding_mask.view(B, t_patches, p).all(dim=-1)  # (B, t)
+            padding = frames.unsqueeze(-1).expand(B, t_patches, f_patches).reshape(B, -1)  # (B, P)
+            padding = torch.cat([padding.new_zeros(B, 1), padding], dim=1)  # (B, 1 + P)
+        if audio_visible_index is not None:
+            idx = audio_visible_index.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, K, D)
+            x = torch.cat([x[:, :1], torch.gather(x[:, 1:], 1, idx)], dim=1)  # (B, 1 + K, D)
+            if padding is not None:
+                padding = torch.cat([padding[:, :1], torch.gather(padding[:, 1:], 1, audio_visible_index)], 1)
+        return x, padding
+
     def embed_text(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text tokens with positions, (B, T, D); padded positions are zeroed (as torchscale)."""
         T = text.shape[1]
@@ -224,13 +321,29 @@ class MultiwayTransformer(nn.Module):
         text_padding_mask: torch.Tensor | None,
         attn_mask: torch.Tensor | None,
         device: torch.device,
+        first_padding: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """Boolean (B, 1, N, N) or (B, 1, 1, N) mask, True where attention is allowed; None for none."""
+        """Boolean (B, 1, N, N) or (B, 1, 1, N) mask, True where attention is allowed; None for none.
+
+        ``first_padding`` (B, n_vision) marks padded tokens of the first part (padded audio patches)."""
         mask = None
-        if text_padding_mask is not None and text_padding_mask.any():
-            keep = ~text_padding_mask  # (B, T)
+        text_pad = text_padding_mask is not None and bool(text_padding_mask.any())
+        if text_pad or first_padding is not None:
+            keeps = []
             if n_vision > 0:
-                keep = torch.cat([keep.new_ones(B, n_vision), keep], dim=1)  # (B, N)
+                keeps.append(
+                    ~first_padding
+                    if first_padding is not None
+                    else torch.ones(B, n_vision, dtype=torch.bool, device=device)
+                )
+            if N > n_vision:
+                text_keep = (
+                    ~text_padding_mask
+                    if text_padding_mask is not None
+                    else torch.ones(B, N - n_vision, dtype=torch.bool, device=device)
+                )
+                keeps.append(text_keep)  # (B, T)
+            keep = torch.cat(keeps, dim=1)  # (B, N)
             mask = keep[:, None, None, :]  # (B, 1, 1, N)
         if attn_mask is not None:
             am = attn_mask.to(device=device, dtype=torch.bool)
@@ -250,35 +363,54 @@ class MultiwayTransformer(nn.Module):
         image_mask: torch.Tensor | None = None,
         visible_index: torch.Tensor | None = None,
         return_hidden: bool = False,
+        *,
+        audio: torch.Tensor | None = None,
+        audio_padding_mask: torch.Tensor | None = None,
+        audio_mask: torch.Tensor | None = None,
+        audio_visible_index: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encodes image, text or both; see :meth:`forward`. With ``return_hidden`` also returns the
-        output of every layer (before the final norm)."""
+        """Encodes image, audio, text, image+text or audio+text; see :meth:`forward`. With
+        ``return_hidden`` also returns the output of every layer (before the final norm)."""
         parts: list[torch.Tensor] = []
         kinds: list[str] = []
+        first_padding = None
+        if image is not None and audio is not None:
+            raise ValueError("give an image or an audio clip, not both (the sequence has one non-text part)")
         if image is not None:
             parts.append(self.embed_image(image, image_mask, visible_index))  # (B, n_vision, D)
             kinds.append(VISION)
+        elif audio is not None:
+            x, first_padding = self.embed_audio(audio, audio_padding_mask, audio_mask, audio_visible_index)
+            parts.append(x)  # (B, 1 + P|K, D)
+            kinds.append(AUDIO)
+        elif audio_padding_mask is not None or audio_mask is not None or audio_visible_index is not None:
+            raise ValueError("audio_padding_mask / audio_mask / audio_visible_index given without audio")
         if text is not None:
             parts.append(self.embed_text(text, text_padding_mask))  # (B, T, D)
             kinds.append(TEXT)
         elif text_padding_mask is not None:
             raise ValueError("text_padding_mask given without text")
         if not parts:
-            raise ValueError("give an image, a text, or both")
+            raise ValueError("give an image, a text, or both (or an audio clip, with or without a text)")
         # The residual stream stays split by modality (see mdm.models.layers.multiway); joined at the end.
         B, N = parts[0].shape[0], sum(p.shape[1] for p in parts)
-        n_vision = parts[0].shape[1] if image is not None else 0
-        mask = self._attention_mask(B, n_vision, N, text_padding_mask, attn_mask, parts[0].device)
+        n_vision = parts[0].shape[1] if kinds[0] != TEXT else 0
+        mask = self._attention_mask(
+            B, n_vision, N, text_padding_mask, attn_mask, parts[0].device, first_padding
+        )
+        route = tuple(kinds)
         hidden: list[torch.Tensor] = []
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                parts = torch.utils.checkpoint.checkpoint(layer, parts, n_vision, mask, use_reentrant=False)
+                parts = torch.utils.checkpoint.checkpoint(
+                    layer, parts, n_vision, mask, route, use_reentrant=False
+                )
             else:
-                parts = layer(parts, n_vision, mask)
+                parts = layer(parts, n_vision, mask, route)
             if return_hidden:
                 hidden.append(join_parts(parts))
         if self.norm is not None:
-            parts = route_parts(self.norm, parts, tuple(kinds))
+            parts = route_parts(self.norm, parts, route)
         x = join_parts(parts)  # (B, N, D)
         return (x, hidden) if return_hidden else x
 
@@ -290,8 +422,13 @@ class MultiwayTransformer(nn.Module):
         attn_mask: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         visible_index: torch.Tensor | None = None,
+        *,
+        audio: torch.Tensor | None = None,
+        audio_padding_mask: torch.Tensor | None = None,
+        audio_mask: torch.Tensor | None = None,
+        audio_visible_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Encoder output (B, N, D): image tokens ([CLS] first) then text tokens.
+        """Encoder output (B, N, D): image or audio tokens ([CLS] first) then text tokens.
 
         Args:
             image: (B, C, H, W) normalised pixels, or None.
@@ -301,5 +438,20 @@ class MultiwayTransformer(nn.Module):
                 ``scaled_dot_product_attention`` convention), e.g. a captioning mask.
             image_mask: (B, P) bool, patches replaced by the [MASK] embedding (masked image modeling).
             visible_index: (B, K) long, encode only these patches (MAE).
+            audio: (B, T_a, F) normalised log-mel filterbanks (models with the audio expert), or None.
+            audio_padding_mask: (B, T_a) bool, True at padded frames; padded patches are not attended to.
+            audio_mask: (B, P) bool, spectrogram patches replaced by the audio [MASK] (BEiT-style).
+            audio_visible_index: (B, K) long, encode only these spectrogram patches (AudioMAE, BEATs).
         """
-        return self.forward_features(image, text, text_padding_mask, attn_mask, image_mask, visible_index)  # type: ignore[return-value]
+        return self.forward_features(  # type: ignore[return-value]
+            image,
+            text,
+            text_padding_mask,
+            attn_mask,
+            image_mask,
+            visible_index,
+            audio=audio,
+            audio_padding_mask=audio_padding_mask,
+            audio_mask=audio_mask,
+            audio_visible_index=audio_visible_index,
+        )

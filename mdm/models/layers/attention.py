@@ -7,11 +7,20 @@ torchscale's separate ``q_proj/k_proj/v_proj`` are concatenated on import (exact
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdm.models.layers.multiway import Multiway, join_parts, maybe_multiway, route_parts, split_parts
+from mdm.models.layers.multiway import (
+    DEFAULT_KINDS,
+    Multiway,
+    join_parts,
+    maybe_multiway,
+    route_parts,
+    split_parts,
+)
 
 
 class MultiwayAttention(nn.Module):
@@ -25,6 +34,7 @@ class MultiwayAttention(nn.Module):
         subln: Sub-LN, a LayerNorm on the attention output before ``out_proj`` (Magneto).
         norm_eps: epsilon of that LayerNorm.
         attn_drop: dropout on attention probabilities (training only).
+        kinds: the modalities that get a copy when ``multiway`` (vision and text by default).
     """
 
     def __init__(
@@ -36,14 +46,17 @@ class MultiwayAttention(nn.Module):
         subln: bool = False,
         norm_eps: float = 1e-5,
         attn_drop: float = 0.0,
+        kinds: Sequence[str] = DEFAULT_KINDS,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
-        self.qkv = maybe_multiway(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), multiway)
-        self.inner_norm = maybe_multiway(lambda: nn.LayerNorm(dim, eps=norm_eps), multiway) if subln else None
-        self.out_proj = maybe_multiway(lambda: nn.Linear(dim, dim), multiway)
+        self.qkv = maybe_multiway(lambda: nn.Linear(dim, 3 * dim, bias=qkv_bias), multiway, kinds=kinds)
+        self.inner_norm = (
+            maybe_multiway(lambda: nn.LayerNorm(dim, eps=norm_eps), multiway, kinds=kinds) if subln else None
+        )
+        self.out_proj = maybe_multiway(lambda: nn.Linear(dim, dim), multiway, kinds=kinds)
 
     def forward(self, x: torch.Tensor, n_vision: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attends over all N tokens.

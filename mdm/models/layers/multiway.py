@@ -1,10 +1,12 @@
 """Modality routing for Multiway Transformers (VLMo, Bao et al. 2022; BEiT-3, Wang et al. 2023).
 
-The sequence is laid out vision first, then text. Routing is the integer ``n_vision``: tokens
+The sequence is laid out vision (or audio) first, then text. Routing is the integer ``n_vision``: tokens
 ``[:n_vision]`` go to the vision expert, the rest to the text expert. ``n_vision == N`` is image-only
 input and ``n_vision == 0`` text-only. It is an argument of every ``forward``, never state set on modules
 before a call (torchscale pushes a split position into modules with ``apply``; that is not re-entrant and
-breaks under ``torch.compile``).
+breaks under ``torch.compile``). Audio (the audio expert beside vision and text, as ONE-PEACE's modality
+FFNs) is routed by the explicit ``kinds`` of the parts (:func:`route_parts`): ``(AUDIO,)`` or
+``(AUDIO, TEXT)``; the integer form stays vision/text only.
 
 Inside the encoder the residual stream of joint input is kept as two tensors, the vision and the text
 tokens (``parts``), and each expert runs on its own contiguous tensor: no slice copies before the experts,
@@ -18,21 +20,39 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-VISION, TEXT = "vision", "text"
+VISION, TEXT, AUDIO = "vision", "text", "audio"
+#: Modality kinds in the order their experts are built (and their parameters initialised).
+KINDS = (VISION, TEXT, AUDIO)
+DEFAULT_KINDS = (VISION, TEXT)
+
+
+def ordered_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` in the canonical order of :data:`KINDS` (unknown names raise ValueError)."""
+    bad = set(kinds) - set(KINDS)
+    if bad:
+        raise ValueError(f"unknown modalities {sorted(bad)} (known: {', '.join(KINDS)})")
+    return tuple(k for k in KINDS if k in kinds)
 
 
 class Multiway(nn.Module):
-    """A vision and a text copy of a module, and optionally a vision-language copy for joint input.
+    """One copy of a module per modality (vision and text by default; audio when asked), and optionally
+    a vision-language copy for joint input.
 
     Args:
         make: builds one copy; called once per expert so each has its own parameters.
-        with_vl: add a ``vl`` expert that processes *all* tokens when the input is joint (VLMo's VL-FFN).
+        with_vl: add a ``vl`` expert that processes *all* tokens when the input is joint (VLMo's VL-FFN;
+            joint audio-text input uses it too: it is the fusion expert of the top layers).
+        kinds: the modalities that get an expert, attributes named after them (``vision``, ``text``,
+            ``audio``); built in the order of :data:`KINDS` whatever the order given.
     """
 
-    def __init__(self, make: Callable[[], nn.Module], with_vl: bool = False) -> None:
+    def __init__(
+        self, make: Callable[[], nn.Module], with_vl: bool = False, kinds: Sequence[str] = DEFAULT_KINDS
+    ) -> None:
         super().__init__()
-        self.vision = make()
-        self.text = make()
+        self.kinds = ordered_kinds(kinds)
+        for kind in self.kinds:
+            setattr(self, kind, make())
         self.vl = make() if with_vl else None
 
     def forward(self, x: torch.Tensor, n_vision: int) -> torch.Tensor:
@@ -47,10 +67,13 @@ class Multiway(nn.Module):
         return torch.cat([self.vision(x[:, :n_vision]), self.text(x[:, n_vision:])], dim=1)
 
     def expert(self, kind: str, joint: bool) -> nn.Module:
-        """The expert for tokens of ``kind`` (``"vision"``/``"text"``); joint input goes to ``vl`` if any."""
+        """The expert for tokens of ``kind`` (``"vision"``/``"text"``/``"audio"``); joint input goes to
+        ``vl`` if any."""
         if joint and self.vl is not None:
             return self.vl
-        return self.vision if kind == VISION else self.text
+        if kind not in self.kinds:
+            raise ValueError(f"this model has no {kind} expert (its modalities: {', '.join(self.kinds)})")
+        return getattr(self, kind)
 
 
 def route(module: nn.Module, x: torch.Tensor, n_vision: int) -> torch.Tensor:
@@ -60,9 +83,11 @@ def route(module: nn.Module, x: torch.Tensor, n_vision: int) -> torch.Tensor:
     return module(x)
 
 
-def maybe_multiway(make: Callable[[], nn.Module], multiway: bool, with_vl: bool = False) -> nn.Module:
-    """``Multiway(make)`` when ``multiway`` else a single shared ``make()``."""
-    return Multiway(make, with_vl=with_vl) if multiway else make()
+def maybe_multiway(
+    make: Callable[[], nn.Module], multiway: bool, with_vl: bool = False, kinds: Sequence[str] = DEFAULT_KINDS
+) -> nn.Module:
+    """``Multiway(make, kinds=kinds)`` when ``multiway`` else a single shared ``make()``."""
+    return Multiway(make, with_vl=with_vl, kinds=kinds) if multiway else make()
 
 
 def split_parts(x: torch.Tensor, n_vision: int) -> tuple[list[torch.Tensor], tuple[str, ...]]:
