@@ -85,6 +85,12 @@ def test_the_public_names_resolve_in_a_fresh_interpreter(tmp_path):
             mdm.load_config is mdm.config.load_config,
             mdm.from_pretrained is mdm.models.io.from_pretrained,
         ]
+        from pathlib import Path
+        out["modules"] = {{}}  # every module of these packages, found without a list to keep up to date
+        for pkg in ("data", "export", "launch", "train"):
+            files = Path(getattr(mdm, pkg).__path__[0]).glob("*.py")
+            stems = [f.stem for f in files if not f.stem.startswith("_")]
+            out["modules"][pkg] = sorted(type(getattr(getattr(mdm, pkg), s)).__name__ for s in stems)
         try:
             mdm.modles
         except AttributeError as e:
@@ -104,4 +110,5 @@ def test_the_public_names_resolve_in_a_fresh_interpreter(tmp_path):
     assert {n for n, t in out["resolved"].items() if t == "module"} == subpackages
     assert all(out["resolved"][n] == "function" for n in shortcuts)
     assert all(out["deep"]), out["deep"]
+    assert all(kinds and set(kinds) == {"module"} for kinds in out["modules"].values()), out["modules"]
     assert out["typo"] == "module 'mdm' has no attribute 'modles'; did you mean mdm.models?"

@@ -13,6 +13,4 @@ stays cheap so that ``mdm data --help`` and the demo generator do not pull in to
 from mdm._lazy import lazy_attributes
 
 # mdm.data.streams etc. as attributes, imported on first use
-__getattr__, __dir__ = lazy_attributes(
-    globals(), ("cli", "demo", "masking", "shard_reader", "shards", "streams", "transforms")
-)
+__getattr__, __dir__ = lazy_attributes(globals())

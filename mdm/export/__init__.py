@@ -3,4 +3,4 @@
 from mdm._lazy import lazy_attributes
 
 # mdm.export.unilm etc. as attributes, imported on first use
-__getattr__, __dir__ = lazy_attributes(globals(), ("cli", "command", "onnx", "source", "timm", "unilm"))
+__getattr__, __dir__ = lazy_attributes(globals())

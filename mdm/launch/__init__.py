@@ -3,4 +3,4 @@
 from mdm._lazy import lazy_attributes
 
 # mdm.launch.plan etc. as attributes, imported on first use
-__getattr__, __dir__ = lazy_attributes(globals(), ("cli", "memory", "plan", "streams"))
+__getattr__, __dir__ = lazy_attributes(globals())

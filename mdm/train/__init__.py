@@ -4,7 +4,4 @@
 from mdm._lazy import lazy_attributes
 
 # mdm.train.pretrain etc. as attributes, imported on first use
-__getattr__, __dir__ = lazy_attributes(
-    globals(),
-    ("checkpoint", "consolidate", "finetune", "flops", "loader", "loop", "metrics", "optim", "pretrain"),
-)
+__getattr__, __dir__ = lazy_attributes(globals())
