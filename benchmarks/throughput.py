@@ -51,8 +51,8 @@ class Batch:
     @property
     def keep(self) -> torch.Tensor:
         """(B, N, 1) float, 1 at real positions: the loss weight."""
-        n_vision = self.image.shape[0], 1 + (self.image.shape[-1] // 16) ** 2
-        ones = torch.ones(n_vision, dtype=torch.bool, device=self.image.device)
+        shape = self.image.shape[0], 1 + (self.image.shape[-1] // 16) ** 2  # (B, n_vision)
+        ones = torch.ones(shape, dtype=torch.bool, device=self.image.device)
         return torch.cat([ones, ~self.padding], dim=1).unsqueeze(-1).float()
 
     def to(self, device: torch.device) -> Batch:
@@ -164,7 +164,8 @@ def check_outputs(ours: torch.nn.Module, ref: torch.nn.Module, b: Batch) -> floa
         a = ours(image=b.image, text=b.text, text_padding_mask=b.padding)
         r = ref(textual_tokens=b.text, visual_tokens=b.image, text_padding_position=b.padding)["encoder_out"]
     ours.train(), ref.train()
-    keep = torch.cat([torch.ones(a.shape[0], a.shape[1] - b.text.shape[1], dtype=torch.bool), ~b.padding], 1)
+    ones = torch.ones(a.shape[0], a.shape[1] - b.text.shape[1], dtype=torch.bool, device=b.padding.device)
+    keep = torch.cat([ones, ~b.padding], 1)
     return (a - r).abs()[keep].max().item()
 
 

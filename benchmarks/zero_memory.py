@@ -87,6 +87,15 @@ def worker(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     # buckets of 2M elements (8 MB) instead of 50M: at this model size the default buckets would dominate
     ds_cfg = DistributedConfig(strategy="deepspeed", zero_stage=args.stage, reduce_bucket_size=2_000_000)
+    if args.release and args.stage == 3:
+        # DeepSpeed's defaults keep gathered parameters alive while they will be reused within 1e9
+        # elements and prefetch 5e7: on a model this small every parameter stays gathered after the
+        # first forward. These settings free each gathered parameter after its module ran.
+        from mdm.distributed.deepspeed import deepspeed_config
+
+        zero = deepspeed_config(ds_cfg, 2, 1, 2, 0.0, cpu=True)["zero_optimization"]
+        zero.update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+        ds_cfg.extra_deepspeed = {"zero_optimization": zero}
     st = DeepSpeedStrategy(ds_cfg)
     st.configure(micro_batch=2, grad_accum=1, clip_grad=0.0)
     engine = st.setup(model, build_optimizer(model, OptimConfig(), args.depth))
@@ -112,11 +121,11 @@ def worker(args: argparse.Namespace) -> None:
     st.close()
 
 
-def launch(stage: int, depth: int, steps: int, tmp: str) -> list[dict]:
+def launch(stage: int, depth: int, steps: int, tmp: str, release: bool) -> list[dict]:
     out = os.path.join(tmp, f"stage{stage}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            "--master_port=29517", __file__, "--worker", "--stage", str(stage), "--depth", str(depth),
-           "--steps", str(steps), "--out", out]  # fmt: skip
+           "--steps", str(steps), "--out", out] + (["--release"] if release else [])  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
@@ -129,6 +138,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--stage", type=int, default=0)
+    p.add_argument("--release", action="store_true", help="ZeRO-3 frees gathered parameters after use")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -138,9 +148,12 @@ def main() -> None:
     from mdm.launch.memory import zero_state_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {s: launch(s, args.depth, args.steps, tmp) for s in (0, 3)}
+        rows = {s: launch(s, args.depth, args.steps, tmp, args.release) for s in (0, 3)}
     n = rows[0][0]["n_params"]
-    print(f"{n / 1e6:.1f}M parameters, fp32, 2 ranks, {args.steps} AdamW steps (MiB per rank)")
+    how = (
+        "gathered parameters freed after use" if args.release else "DeepSpeed's default live/prefetch limits"
+    )
+    print(f"{n / 1e6:.1f}M parameters, fp32, 2 ranks, {args.steps} AdamW steps, {how} (MiB per rank)")
     print(f"{'stage':<6}{'rank':>5}{'params':>8}{'fp32 flat':>10}{'Adam m,v':>9}{'tracked':>9}"
           f"{'predicted':>10}{'RSS base':>9}{'RSS after':>10}{'RSS peak':>9}")  # fmt: skip
     for stage, rs in rows.items():

@@ -112,7 +112,8 @@ def _steps_per_epoch(loader: EpochLoader, grad_accum: int) -> int:
 def _eval_hook(task, val_loader_fn, every: int):
     def hook(trainer: Trainer) -> None:
         if every and trainer.step % every == 0 and trainer.step < trainer.train.steps:
-            metrics = task.evaluate(trainer.model, val_loader_fn())
+            with trainer.strategy.autocast():  # as training: DeepSpeed's 16-bit weights need it
+                metrics = task.evaluate(trainer.model, val_loader_fn())
             trainer.sink.log(trainer.step, {f"val_{k}": v for k, v in metrics.items()})
             log.info("step %d: %s", trainer.step, metrics)
 
@@ -183,7 +184,8 @@ def run_finetune(cfg, metrics_json: str | None = None) -> dict[str, float]:
     if trainer.step < cfg.train.steps:
         strategy.close()
         return {}
-    metrics = task.evaluate(trainer.model, val_loader())
+    with strategy.autocast():
+        metrics = task.evaluate(trainer.model, val_loader())
     full = strategy.full_state_dict()
     if strategy.is_main:
         out = save_task_model(
