@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The stream kinds a pretraining step may carry, one batch each.
-STREAMS = ("image", "text", "pair")
+#: The stream kinds a pretraining step may carry, one batch each (``audio`` / ``audio_text``: clips and
+#: audio-caption pairs, see docs/audio.md).
+STREAMS = ("image", "text", "pair", "audio", "audio_text")
 
 
 class Objective(nn.Module):
