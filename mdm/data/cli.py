@@ -4,6 +4,9 @@ mdm data shards --from coco --captions annotations/captions_train2014.json --ima
 mdm data shards --from jsonl --jsonl pairs.jsonl --out shards/pairs
 mdm data shards --from folder --images imagenet/train --out shards/images
 mdm data shards --from text --text wiki.txt books.txt --out shards/text
+mdm data shards --from audio-folder --audio clips/ --out shards/audio
+mdm data shards --from audio-jsonl --jsonl captions.jsonl --out shards/audio_text
+mdm data shards --from esc50 --root ESC-50-master --out shards/esc50
 """
 
 from __future__ import annotations
@@ -11,6 +14,27 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+IMAGE_TEXT = ("coco", "jsonl", "folder", "text")
+AUDIO = ("audio-folder", "audio-jsonl", "esc50")
+NEEDS = {
+    "coco": ("captions", "images"),
+    "jsonl": ("jsonl",),
+    "folder": ("images",),
+    "text": ("text",),
+    "audio-folder": ("audio",),
+    "audio-jsonl": ("jsonl",),
+    "esc50": ("root",),
+}
+KIND = {
+    "coco": "pair",
+    "jsonl": "pair",
+    "folder": "image",
+    "text": "text",
+    "audio-folder": "audio",
+    "audio-jsonl": "audio_text",
+    "esc50": "audio",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--from", dest="source", required=True, choices=["coco", "jsonl", "folder", "text"])
+    s.add_argument("--from", dest="source", required=True, choices=[*IMAGE_TEXT, *AUDIO])
     s.add_argument("--captions", help="COCO captions JSON (--from coco)")
     s.add_argument(
         "--images", help="image folder (--from coco: where file_name lives; --from folder: the root)"
     )
-    s.add_argument("--jsonl", help='JSON lines {"image": path, "text": str | [str]} (--from jsonl)')
+    s.add_argument(
+        "--jsonl",
+        help='JSON lines {"image": path, "text": str | [str]} (--from jsonl) or {"audio": path, "text": ...} '
+        "(--from audio-jsonl)",
+    )
+    s.add_argument("--audio", help="audio folder, optionally with class sub-folders (--from audio-folder)")
+    s.add_argument("--root", help="dataset root holding meta/esc50.csv and audio/ (--from esc50)")
     s.add_argument("--text", nargs="+", help="text files, one sample per non-empty line (--from text)")
     s.add_argument("--out", required=True, help="output directory (shard-NNNNNN.tar + index.json)")
     s.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
@@ -35,15 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    from mdm.data import audio_shards as A
     from mdm.data import shards as S
 
     args = build_parser().parse_args(argv)
-    need = {"coco": ("captions", "images"), "jsonl": ("jsonl",), "folder": ("images",), "text": ("text",)}
-    missing = [f"--{n}" for n in need[args.source] if not getattr(args, n)]
+    missing = [f"--{n}" for n in NEEDS[args.source] if not getattr(args, n)]
     if missing:
         print(f"mdm data shards: --from {args.source} needs {' and '.join(missing)}", file=sys.stderr)
         return 2
-    kind = {"coco": "pair", "jsonl": "pair", "folder": "image", "text": "text"}[args.source]
+    kind = KIND[args.source]
     report = S.WriteReport(kind)
     try:
         samples = {
@@ -51,6 +81,9 @@ def main(argv: list[str]) -> int:
             "jsonl": lambda: S.from_jsonl(Path(args.jsonl), report),
             "folder": lambda: S.from_image_folder(Path(args.images), report),
             "text": lambda: S.from_text_files([Path(t) for t in args.text], report),
+            "audio-folder": lambda: A.from_audio_folder(Path(args.audio), report),
+            "audio-jsonl": lambda: A.from_audio_jsonl(Path(args.jsonl), report),
+            "esc50": lambda: A.from_esc50(Path(args.root), report),
         }[args.source]()
         S.write_shards(samples, args.out, kind, args.max_count, report=report)
     except (OSError, ValueError) as e:

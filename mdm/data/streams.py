@@ -1,6 +1,7 @@
 """Resumable, mixed, per-rank/per-worker pretraining streams over WebDataset tar shards.
 
-Three stream kinds — ``image``, ``text``, ``pair`` — each read from one or more sources (shard sets)
+Five stream kinds — ``image``, ``text``, ``pair``, ``audio`` (clips) and ``audio_text`` (clip + caption;
+decoded and collated by :mod:`mdm.data.audio_stream`) — each read from one or more sources (shard sets)
 mixed by weight; every step yields one batch per configured kind (BEiT-3 trains on images, texts and
 pairs in every step).
 
@@ -31,14 +32,17 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mdm.data.audio import AudioFrontendConfig
+from mdm.data.audio_stream import AUDIO_KINDS, collate_audio, decode_audio
 from mdm.data.masking import BlockMasking, mask_text
 from mdm.data.shards import TruncatedShard, iter_tar_samples
 from mdm.data.transforms import ViewConfig, two_views
 from mdm.tokenizers.data import IMAGE_EXTS, ImageReadError, decode_image
 
 log = logging.getLogger(__name__)
-KINDS = ("image", "text", "pair")
-DEFAULT_TEXT_MASK = {"text": 0.15, "pair": 0.5}
+KINDS = ("image", "text", "pair", *AUDIO_KINDS)
+TEXT_KINDS = ("text", "pair", "audio_text")
+DEFAULT_TEXT_MASK = {"text": 0.15, "pair": 0.5, "audio_text": 0.5}
 MAX_REJECTED_PER_BATCH = 10_000  # a stream that only skips is misconfigured: fail instead of spinning
 
 
@@ -63,6 +67,12 @@ class StreamConfig:
         image_mask_ratio: fraction of patches masked (BEiT-3: 0.4; BEiT v1: 75/196 ≈ 0.383; MAE: 0.75).
         image_masking: ``block`` (BEiT block-wise) or ``random`` (exactly ``round(ratio · P)`` patches per
             image, uniformly — MAE's masking).
+        audio_mask_ratio: audio and audio_text streams: fraction of spectrogram patches masked (AudioMAE:
+            0.8; 0 = no ``audio_mask``).
+        audio_masking: ``random`` (unstructured), ``time`` (whole time columns), ``frequency`` (whole
+            frequency rows) or ``time_frequency`` (AudioMAE's 2-D masking with ``audio_time_mask_ratio``
+            and ``audio_freq_mask_ratio``); see :func:`mdm.data.audio.audio_mask`.
+        audio_time_mask_ratio / audio_freq_mask_ratio: ``time_frequency`` masking (AudioMAE: 0.6 / 0.5).
     """
 
     sources: list[SourceConfig] = field(default_factory=list)
@@ -71,6 +81,10 @@ class StreamConfig:
     text_mask_ratio: float | None = None
     image_mask_ratio: float = 0.4
     image_masking: Literal["block", "random"] = "block"
+    audio_mask_ratio: float = 0.8
+    audio_masking: Literal["random", "time", "frequency", "time_frequency"] = "random"
+    audio_time_mask_ratio: float = 0.6
+    audio_freq_mask_ratio: float = 0.5
 
 
 def random_masking(num_patches: int, ratio: float, rng: random.Random) -> torch.Tensor:
@@ -85,8 +99,9 @@ class PretrainDataConfig:
     """The ``data:`` section of ``mdm pretrain``.
 
     Attributes:
-        image / text / pair: the streams (omit a kind to not read it).
+        image / text / pair / audio / audio_text: the streams (omit a kind to not read it).
         views: crop, flip, normalisation, tokenizer view size.
+        audio_frontend: how audio and audio_text clips become filterbanks (:mod:`mdm.data.audio`).
         min_mask_patches: smallest masking block (BEiT: 16; scaled down on small grids).
         num_workers: DataLoader workers per stream kind and rank.
         split: ``resample`` — every slot walks all shards in its own order (infinite, open_clip-style);
@@ -97,7 +112,10 @@ class PretrainDataConfig:
     image: StreamConfig | None = None
     text: StreamConfig | None = None
     pair: StreamConfig | None = None
+    audio: StreamConfig | None = None
+    audio_text: StreamConfig | None = None
     views: ViewConfig = field(default_factory=ViewConfig)
+    audio_frontend: AudioFrontendConfig = field(default_factory=AudioFrontendConfig)
     min_mask_patches: int = 16
     num_workers: int = 2
     split: Literal["resample", "partition"] = "partition"
@@ -210,10 +228,13 @@ class StreamDataset(IterableDataset):
         ]
         if not self.shards:
             raise ValueError(f"data.{kind}: no sources")
-        if kind != "image" and text_tokenizer is None:
+        if kind in TEXT_KINDS and text_tokenizer is None:
             raise ValueError(f"data.{kind}: a text tokenizer is needed (set text_tokenizer)")
         ratio = self.scfg.image_mask_ratio
-        if ratio <= 0:
+        if kind in AUDIO_KINDS:
+            cfg.audio_frontend.validate()
+            self.masking = None
+        elif ratio <= 0:
             self.masking = None
         elif self.scfg.image_masking == "random":
             self.masking = lambda rng: random_masking(self.grid * self.grid, ratio, rng)
@@ -268,6 +289,11 @@ class StreamDataset(IterableDataset):
             log.warning("skipped sample %s: %s", raw.get("__key__"), what)
 
         out: dict[str, Any] = {}
+        if self.kind in AUDIO_KINDS:
+            decoded = decode_audio(raw, self.cfg.audio_frontend, skip)
+            if decoded is None:
+                return None
+            out.update(decoded)
         if self.kind in ("image", "pair"):
             ext = next((e for e in raw if e in IMAGE_EXTS), None)
             if ext is None:
@@ -285,7 +311,7 @@ class StreamDataset(IterableDataset):
                 from mdm.tokenizers.encode import read_npy
 
                 out["codes"] = torch.from_numpy(read_npy(raw["tok.npy"]).astype("int64"))
-        if self.kind in ("text", "pair"):
+        if self.kind in TEXT_KINDS:
             texts = []
             if "json" in raw:
                 try:
@@ -303,6 +329,19 @@ class StreamDataset(IterableDataset):
 
     def _collate(self, samples: list[dict], rng: random.Random) -> dict[str, torch.Tensor]:
         batch: dict[str, torch.Tensor] = {}
+        if self.kind in AUDIO_KINDS:
+            sc = self.scfg
+            batch.update(
+                collate_audio(
+                    samples,
+                    self.cfg.audio_frontend,
+                    sc.audio_mask_ratio,
+                    sc.audio_masking,
+                    rng,
+                    sc.audio_time_mask_ratio,
+                    sc.audio_freq_mask_ratio,
+                )
+            )
         if self.kind in ("image", "pair"):
             views, tviews, codes, masks = [], [], [], []
             for s in samples:
@@ -320,7 +359,7 @@ class StreamDataset(IterableDataset):
                 batch["image_tokens"] = torch.stack(codes).flatten(1)  # (B, P)
             if masks:
                 batch["image_mask"] = torch.stack(masks)  # (B, P)
-        if self.kind in ("text", "pair"):
+        if self.kind in TEXT_KINDS:
             ids, pad = self.tok.encode([s["text"] for s in samples], self.scfg.max_text_len)
             keep = max(
                 int((~pad).sum(1).max()), 2
