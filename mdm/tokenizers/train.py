@@ -146,6 +146,10 @@ def train_tokenizer(
     Returns:
         The evaluation metrics on held-out images plus ``tokenizer_id`` and ``out_dir``.
     """
+    if cfg.kind.startswith("acoustic"):
+        from mdm.tokenizers.acoustic_train import train_acoustic
+
+        return train_acoustic(cfg, progress=progress)
     out_dir = Path(cfg.out_dir)
     g = torch.Generator().manual_seed(cfg.seed)
     tok, teacher = build_for_training(cfg, teacher_fn)
