@@ -188,9 +188,9 @@ def test_stagewise_training_leaves_frozen_parameters_untouched(world, tmp_path):
 
 
 def test_itc_runs_beside_mdm_and_its_heads_are_saved_with_the_backbone(world, tmp_path):
-    """VLMo's ITC on the pair stream next to MIM/MLM/MVLM: its entries are logged, and
-    ``model/heads.safetensors`` holds the pretraining heads (``heads.itc.*`` is what a retrieval fine-tuning
-    starts from; ``mdm finetune`` loading them is tested in test_tasks_models.py). That ITC learns is tested
+    """VLMo's ITC and ITM on the pair stream next to MIM/MLM/MVLM: their entries are logged, and
+    ``model/heads.safetensors`` holds the pretraining heads (``heads.itc.*`` / ``heads.itm.*`` are what a
+    retrieval fine-tuning starts from; ``mdm finetune`` loading them is tested in test_tasks_models.py). That ITC learns is tested
     on a fixed batch in test_objectives.py: on this tiny world it sits on its log(B) plateau for longer than
     a test should run (the demo's run leaves it after ~200 steps)."""
     from safetensors.torch import load_file
@@ -198,16 +198,18 @@ def test_itc_runs_beside_mdm_and_its_heads_are_saved_with_the_backbone(world, tm
     _run(
         [
             *learning_overrides(world, tmp_path, 10),
-            "objectives.objectives=[mim,mlm,mvlm,itc]",
+            "objectives.objectives=[mim,mlm,mvlm,itc,itm]",
             "logging.every=5",
         ]
     )
     last = read_metrics(tmp_path / "metrics.jsonl")[-1]
-    assert {"itc_loss", "itc_acc", "itc_count", "mvlm_text_loss"} <= set(last) and last["itc_count"] == 4
+    assert {"itc_loss", "itc_acc", "itc_count", "mvlm_text_loss", "itm_loss"} <= set(last)
+    assert last["itc_count"] == 4 and last["itm_count"] == 12
     heads = load_file(str(tmp_path / "model" / "heads.safetensors"))
     assert {"heads.itc.vision_head.weight", "heads.itc.language_head.weight", "heads.itc.logit_scale"} <= set(
         heads
     )
+    assert {"heads.itm.fc.weight", "heads.itm.pooler.dense.weight"} <= set(heads)
     assert any(k.startswith("heads.mim.") for k in heads) and any(k.startswith("heads.mlm.") for k in heads)
     backbone = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert not any(k.startswith("heads.") for k in backbone)
@@ -223,3 +225,5 @@ def test_flops_and_tokens_count_itc_passes():
     text = {"text": torch.zeros(5, 9, dtype=torch.long)}
     assert _sequences(cfg, {"pair": pair, "text": text}) == [(3, 17 + 7), (5, 9)]
     assert _sequences(cfg, {"pair": pair, "text": text}, itc=True) == [(3, 24), (3, 17), (3, 7), (5, 9)]
+    # ITM: one joint pass over the 3B positive and hard-negative pairs
+    assert _sequences(cfg, {"pair": pair}, itc=True, itm=True) == [(3, 24), (3, 17), (3, 7), (9, 24)]

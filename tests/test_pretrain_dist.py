@@ -37,12 +37,14 @@ def _launch(world, out_dir, steps, *extra):
 
 
 def test_ddp_resume_matches_uninterrupted_run(world, tmp_path):
-    # with ITC too: three backbone passes in one forward (joint, image alone, text alone) under DDP
+    # with ITC and ITM too: four backbone passes in one forward (joint, image alone, text alone, ITM's
+    # fusion pass over hard negatives gathered from both ranks) under DDP; the negatives drawn after the
+    # resume are those of the uninterrupted run (the sampler is re-seeded from the checkpointed RNG)
     extra = (
         "distributed.strategy=ddp",
         "train.ckpt_every=3",
         "model.drop_path_rate=0.1",
-        "objectives.objectives=[mim,mlm,mvlm,itc]",
+        "objectives.objectives=[mim,mlm,mvlm,itc,itm]",
     )
     _launch(world, tmp_path / "a", 6, *extra)
     _launch(world, tmp_path / "b", 6, *extra, "train.stop_after=4")
@@ -51,7 +53,15 @@ def test_ddp_resume_matches_uninterrupted_run(world, tmp_path):
     b = read_metrics(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
-        for key in ("loss", "mim_loss", "mlm_loss", "mvlm_image_loss", "mvlm_text_loss", "itc_loss"):
+        for key in (
+            "loss",
+            "mim_loss",
+            "mlm_loss",
+            "mvlm_image_loss",
+            "mvlm_text_loss",
+            "itc_loss",
+            "itm_loss",
+        ):
             assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["step"], key)
 
 
@@ -63,7 +73,7 @@ def test_zero_checkpoint_consolidates_to_the_sharded_model(world, tmp_path, stag
         4,
         f"distributed.zero_stage={stage}",
         "train.ckpt_every=2",
-        "objectives.objectives=[mim,mlm,mvlm,itc]",
+        "objectives.objectives=[mim,mlm,mvlm,itc,itm]",
     )
     ref = torch.load(out_file)
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")

@@ -8,7 +8,9 @@ A shard is a plain tar whose members ``<key>.<ext>`` are grouped by key (WebData
 - ``<key>.cls`` — a class index (image folders with class sub-folders);
 - ``<key>.tok.npy`` — precomputed visual codes (``mdm tokenizer encode``).
 
-Every shard set gets ``index.json`` (kind, shards, sample counts, what was skipped and why).
+Every shard set gets ``index.json`` (kind, shards, sample counts, what was skipped and why). Reading
+(from local paths or any URL webdataset opens, from a sample offset) is :mod:`mdm.data.shard_reader`;
+``iter_tar_samples`` and the shard errors are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,13 +24,23 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mdm.data.shard_reader import ShardReadError, TruncatedShard, UnreadableShard, iter_tar_samples
 from mdm.tokenizers.data import IMAGE_EXTS, ImageReadError, decode_image
 
+__all__ = [
+    "ShardReadError",
+    "TruncatedShard",
+    "UnreadableShard",
+    "WriteReport",
+    "from_coco_captions",
+    "from_image_folder",
+    "from_jsonl",
+    "from_text_files",
+    "iter_tar_samples",
+    "write_shards",
+]
+
 log = logging.getLogger(__name__)
-
-
-class TruncatedShard(IOError):
-    """A tar shard ends in the middle of a member (a partial copy or download)."""
 
 
 @dataclass
@@ -211,36 +223,3 @@ def from_text_files(files: list[Path], report: WriteReport, min_chars: int = 1) 
                 continue
             yield {"__key__": f"{n:09d}", "txt": text.encode()}
             n += 1
-
-
-# ---------------------------------------------------------------------------------------------- reading
-def iter_tar_samples(path: str | Path, start: int = 0) -> Iterator[tuple[int, dict[str, bytes]]]:
-    """``(offset, sample)`` of a shard from sample ``start`` on; members of one key are grouped.
-
-    Raises:
-        TruncatedShard: the file ends inside a member; samples before it have been yielded.
-    """
-    index, current, key = 0, {}, None
-    try:
-        with tarfile.open(path, "r") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                k, _, ext = base.partition(".")
-                k = member.name[: len(member.name) - len(base)] + k
-                if key is not None and k != key:
-                    if index >= start:
-                        yield index, current
-                    index, current = index + 1, {}
-                key = k
-                if index >= start:
-                    f = tar.extractfile(member)
-                    current[ext] = f.read() if f is not None else b""
-                    if len(current[ext]) != member.size:
-                        raise TruncatedShard(f"{path}: member {member.name} is truncated")
-                current["__key__"] = k  # type: ignore[assignment]
-    except (tarfile.ReadError, EOFError) as e:
-        raise TruncatedShard(f"{path}: truncated or corrupt tar after sample {index} ({e})") from None
-    if key is not None and index >= start:
-        yield index, current

@@ -20,13 +20,11 @@ or skipped, with any number of workers.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mdm.data.audio import AudioFrontendConfig
 from mdm.data.audio_stream import AUDIO_KINDS, collate_audio, decode_audio
 from mdm.data.masking import BlockMasking, mask_text
-from mdm.data.shards import TruncatedShard, iter_tar_samples
+from mdm.data.shard_reader import ShardReadError, expand_shards, iter_tar_samples
 from mdm.data.transforms import ViewConfig, two_views
 from mdm.tokenizers.data import IMAGE_EXTS, ImageReadError, decode_image
 
@@ -48,7 +46,8 @@ MAX_REJECTED_PER_BATCH = 10_000  # a stream that only skips is misconfigured: fa
 
 @dataclass
 class SourceConfig:
-    """One shard set. ``shards``: paths, directories, globs or brace patterns (``a-{000..009}.tar``)."""
+    """One shard set. ``shards``: paths, directories and globs (local), URLs webdataset opens
+    (``https://``, ``gs://``, ``pipe:CMD``, ...), all with brace patterns (``a-{000..009}.tar``)."""
 
     shards: list[str] = field(default_factory=list)
     weight: float = 1.0
@@ -129,26 +128,6 @@ class PretrainDataConfig:
         return max((s.batch_size for s in self.streams().values()), default=1)
 
 
-def expand_shards(specs: list[str], where: str) -> list[str]:
-    """Shard paths from specs (files, directories of ``*.tar``, globs, brace patterns), sorted per spec."""
-    from webdataset.shardlists import expand_urls
-
-    out: list[str] = []
-    for spec in specs:
-        for item in expand_urls(spec) if "{" in spec else [spec]:
-            p = Path(item)
-            if p.is_dir():
-                found = sorted(str(s) for s in p.glob("*.tar"))
-            elif any(c in item for c in "*?["):
-                found = sorted(glob.glob(item))
-            else:
-                found = [item] if p.exists() else []
-            if not found:
-                raise FileNotFoundError(f"{where}: shard spec {item!r} matches no file")
-            out += found
-    return out
-
-
 class _Cursor:
     """Position in one source for one slot: ``(shard sequence index, sample offset)``."""
 
@@ -172,7 +151,7 @@ class _Cursor:
         return self.shards[order[self.slot + k * self.n_slots]]
 
     def next_raw(self, skipped: dict[str, int]) -> dict[str, bytes]:
-        fruitless = 0  # shards in a row that gave no sample
+        fruitless, error = 0, None  # shards in a row that gave no sample, and the last failure
         while True:
             if self._it is None:
                 self._it = iter_tar_samples(self._shard_at(self.seq), self.offset)
@@ -182,15 +161,16 @@ class _Cursor:
                 return sample
             except StopIteration:
                 pass
-            except TruncatedShard as e:
-                skipped["truncated_tar"] = skipped.get("truncated_tar", 0) + 1
-                log.warning("skipped the rest of a shard: %s", e)
+            except ShardReadError as e:
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                error = e
+                log.warning("skipped the rest of a shard (%s): %s", e.reason, e)
             if self.offset == 0:
                 fruitless += 1
                 if fruitless > 2 * len(self.shards) + 8:
                     raise RuntimeError(
-                        f"no readable sample in {fruitless} shards in a row (e.g. {self._shard_at(self.seq)}); "
-                        "are the shards empty or corrupt?"
+                        f"no readable sample in {fruitless} shards in a row (e.g. {self._shard_at(self.seq)}"
+                        f"{f'; last error: {error}' if error else ''}); are the shards empty or corrupt?"
                     )
             self._it, self.seq, self.offset = None, self.seq + 1, 0
 

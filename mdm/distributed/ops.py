@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_object", "all_gather_with_grad", "is_distributed", "rank", "world_size"]
+__all__ = ["all_gather", "all_gather_object", "all_gather_with_grad", "is_distributed", "rank", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -75,6 +75,15 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return _GatherWithGrad.apply(x)
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenates ``x`` (B_r, ...) from all ranks in rank order, without a graph (any dtype; ranks may
+    hold different numbers of rows). ``x`` itself when not distributed."""
+    if not is_distributed():
+        return x
+    with torch.no_grad():
+        return _GatherWithGrad.apply(x.detach())
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -4,9 +4,11 @@ the vision expert.
 
 The clip alone and the caption alone are encoded (the Multiway Transformer as a dual encoder: audio
 experts for the clip, language experts for the text); the audio [CLS] and the text [bos] are projected
-by :class:`AudioITCHead`, L2-normalised, and the symmetric InfoNCE loss is taken over the B × B
-similarities scaled by a learnable temperature. As for images, the negatives are the other pairs of
-the rank's own batch (objectives never talk to other processes).
+by :class:`AudioITCHead`, L2-normalised, and the symmetric InfoNCE loss is taken over the similarities
+scaled by a learnable temperature. As for images, negatives come from every rank: the projected
+features are gathered with gradients through the injected :class:`~mdm.objectives.base.CrossRank`
+(the identity in one process) and each rank scores its B clips against all N captions and its B
+captions against all N clips, with labels offset by the earlier ranks' rows.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdm.objectives.base import Objective, require
+from mdm.objectives.base import CrossRank, Objective, require
 from mdm.objectives.heads import trunc_normal_init
 
 
@@ -41,15 +43,19 @@ class AudioITCHead(nn.Module):
 
 
 def symmetric_info_nce(
-    a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor, max_log_scale: float
+    a: torch.Tensor, b: torch.Tensor, log_scale: torch.Tensor, max_log_scale: float, cross_rank: CrossRank
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's loss over L2-normalised (B, d) embeddings: ``(loss, top-1 accuracy of both directions)``."""
+    """CLIP's loss over this rank's L2-normalised (B, d) embeddings against every rank's:
+    ``(loss, top-1 accuracy of both directions)``."""
     scale = log_scale.clamp(max=max_log_scale).exp()
-    logits = scale * a @ b.t()  # (B, B)
-    target = torch.arange(logits.shape[0], device=logits.device)
-    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    all_a = cross_rank.gather_with_grad(a)  # (N, d), this rank's rows keep their graph
+    all_b = cross_rank.gather_with_grad(b)  # (N, d)
+    a2b = scale * a @ all_b.t()  # (B, N)
+    b2a = scale * b @ all_a.t()  # (B, N)
+    target = torch.arange(a.shape[0], device=a.device) + cross_rank.offset(a.shape[0], a.device)
+    loss = (F.cross_entropy(a2b, target) + F.cross_entropy(b2a, target)) / 2
     with torch.no_grad():
-        acc = ((logits.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean()) / 2
+        acc = ((a2b.argmax(1) == target).float().mean() + (b2a.argmax(1) == target).float().mean()) / 2
     return loss, acc
 
 
@@ -70,7 +76,9 @@ class AudioTextContrastive(Objective):
         self.share("head", head)
         self.max_log_scale = math.log(max_logit_scale)
 
-    def forward(self, backbone: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, backbone: nn.Module, batch: Mapping[str, Any], context: dict[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Args:
         backbone: a Multiway Transformer with audio and language experts.
         batch: ``audio`` (B, T, F), optional ``audio_padding_mask`` (B, T), ``text`` (B, L) long,
@@ -83,7 +91,7 @@ class AudioTextContrastive(Objective):
         words = backbone(text=text, text_padding_mask=batch.get("text_padding_mask"))[:, 0]  # (B, D)
         a = F.normalize(self.head.audio_head(sound).float(), dim=-1)
         t = F.normalize(self.head.language_head(words).float(), dim=-1)
-        loss, acc = symmetric_info_nce(a, t, self.head.logit_scale, self.max_log_scale)
+        loss, acc = symmetric_info_nce(a, t, self.head.logit_scale, self.max_log_scale, self.cross_rank)
         return {
             "audio_itc_loss": loss,
             "audio_itc_acc": acc,

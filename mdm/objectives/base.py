@@ -10,7 +10,8 @@ gathered *before* the output projection so the vocabulary-sized matmul runs on (
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -20,6 +21,45 @@ from torch import nn
 #: The stream kinds a pretraining step may carry, one batch each (``audio`` / ``audio_text``: clips and
 #: audio-caption pairs, see docs/audio.md).
 STREAMS = ("image", "text", "pair", "audio", "audio_text")
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _rank_zero() -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class CrossRank:
+    """The cross-rank collectives an objective may use, injected by the engine.
+
+    Objectives never talk to the process group themselves (``docs/ARCHITECTURE.md``); the engine hands them these
+    functions instead (``mdm.train.pretrain`` wires :mod:`mdm.distributed.ops`). The default is one
+    process: every gather is the identity and the rank is 0, so an objective computes the same thing in
+    a unit test as on one rank.
+
+    Attributes:
+        gather_with_grad: (B_r, ...) → (Σ_r B_r, ...) in rank order; its backward sums the gradients
+            over ranks and returns this rank's slice (open_clip's convention).
+        gather: the same concatenation without a graph (inputs, sampled indices...).
+        rank: this process's rank (called at every use, so the process group may start later).
+    """
+
+    gather_with_grad: Callable[[torch.Tensor], torch.Tensor] = _identity
+    gather: Callable[[torch.Tensor], torch.Tensor] = _identity
+    rank: Callable[[], int] = _rank_zero
+
+    def offset(self, rows: int, device: torch.device) -> int:
+        """Index of this rank's first row in a gathered tensor whose ranks hold ``rows`` rows each
+        (ranks may hold different numbers: the counts are gathered)."""
+        counts = self.gather(torch.tensor([rows], device=device))  # (world,)
+        return int(counts[: self.rank()].sum().item())
+
+
+#: One process: no communication.
+LOCAL = CrossRank()
 
 
 class Objective(nn.Module):
@@ -36,6 +76,17 @@ class Objective(nn.Module):
     stream: ClassVar[str] = ""
     #: Whether the batch must carry ``image_tokens`` (visual codes from the frozen tokenizer).
     needs_visual_tokens: ClassVar[bool] = False
+    #: Whether the batch must carry ``audio_tokens`` (acoustic codes from the frozen acoustic tokenizer).
+    needs_audio_tokens: ClassVar[bool] = False
+    #: Whether ``forward`` takes ``context=`` and stores results other objectives of the same step read
+    #: (``context[self.name]``), e.g. ITC's similarity matrix for ITM's hard negatives.
+    provides_context: ClassVar[bool] = False
+    #: Names of objectives whose same-step results (``context[name]``) ``forward`` reads; they run first,
+    #: on the same stream (:class:`mdm.objectives.PretrainModel` checks and orders them).
+    reads: ClassVar[tuple[str, ...]] = ()
+    #: Collectives across data-parallel ranks; the engine sets the real ones
+    #: (:meth:`mdm.objectives.PretrainModel.set_cross_rank`).
+    cross_rank: CrossRank = LOCAL
 
     def share(self, attr: str, module: nn.Module) -> None:
         """Stores ``module`` as ``self.<attr>`` without registering it as a submodule.

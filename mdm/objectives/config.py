@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 #: Objective names a config may list (see :data:`mdm.objectives.OBJECTIVES`).
-KNOWN = ("mim", "cls_mim", "mlm", "mvlm", "itc", "mae", "amae", "beats", "audio_itc")
+KNOWN = ("mim", "cls_mim", "mlm", "mvlm", "itc", "itm", "mae", "amae", "beats", "audio_itc")
 
 
 @dataclass
@@ -16,8 +16,9 @@ class ObjectivesConfig:
 
     Attributes:
         objectives: names among ``mim``, ``cls_mim`` (MIM + BEiT v2's [CLS] head, replaces ``mim``),
-            ``mlm``, ``mvlm``, ``itc`` (VLMo's image-text contrastive loss on the pair stream), ``mae``,
-            and for audio ``amae`` (AudioMAE), ``beats`` (BEATs' acoustic tokens), ``audio_itc``
+            ``mlm``, ``mvlm``, ``itc`` (VLMo's image-text contrastive loss on the pair stream), ``itm``
+            (VLMo's image-text matching with hard negatives from ITC's similarities; needs ``itc``),
+            ``mae``, and for audio ``amae`` (AudioMAE), ``beats`` (BEATs' acoustic tokens), ``audio_itc``
             (audio-text contrastive on the audio_text stream).
             BEiT-3's masked data modeling is ``[mim, mlm, mvlm]``.
         weights: per-objective multiplier of every ``*_loss`` it returns (default 1.0).
@@ -84,6 +85,11 @@ class ObjectivesConfig:
                 raise ValueError(f"objectives: unknown objective {name!r}{hint} (known: {', '.join(KNOWN)})")
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"objectives: {self.objectives} lists an objective twice")
+        if "itm" in self.objectives and "itc" not in self.objectives:
+            raise ValueError(
+                "objectives: itm draws its hard negatives from the ITC similarities of the same step "
+                "(VLMo computes them together); add itc to the objectives"
+            )
         if "mim" in self.objectives and "cls_mim" in self.objectives:
             raise ValueError("objectives: cls_mim already computes the MIM loss; list cls_mim instead of mim")
         extra = set(self.weights) - set(self.objectives)

@@ -3,9 +3,18 @@
 The image alone and the caption alone are encoded (the Multiway Transformer as a dual encoder: vision
 experts for the image, language experts for the text), their first tokens (image [CLS], text [bos]) are
 projected by :class:`ITCHead` and L2-normalised, and the symmetric InfoNCE loss of CLIP is taken over the
-B × B similarity matrix scaled by a learnable temperature. Negatives are the other pairs of the rank's own
-batch: objectives never talk to other processes (``docs/ARCHITECTURE.md``), so with N ranks each rank
-contrasts its own B pairs rather than N·B.
+similarity matrix scaled by a learnable temperature. Negatives come from **every rank**: the projected
+features are gathered with gradients flowing back to each rank's shard (open_clip's ``ClipLoss`` with
+``local_loss``; VLMo's ``compute_itc``), and each rank scores its own B images against all N texts (and
+its B texts against all N images) with its labels offset by the rows of the earlier ranks. Objectives
+never talk to the process group (``docs/ARCHITECTURE.md``): the gather is injected
+(:class:`~mdm.objectives.base.CrossRank`, wired by ``mdm pretrain`` for every strategy) and is the
+identity in one process. With equal per-rank batches the mean of the ranks' losses is the loss of one
+process holding the global batch, and so — after DDP / DeepSpeed average the gradients — are the
+parameter gradients (``tests/test_objectives_dist.py``).
+
+The objective also leaves the (detached) similarities of the step in ``context["itc"]``
+(:class:`ContrastiveSimilarities`), from which VLMo's ITM draws its hard negatives.
 
 The head's names match the retrieval task's (``vision_head``, ``language_head``, ``logit_scale``), so a
 retrieval fine-tuning starts from the pretrained projections (``mdm finetune`` loads ``heads.itc.*`` from
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,12 +52,33 @@ class ITCHead(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
 
 
+@dataclass
+class ContrastiveSimilarities:
+    """What ITC leaves for ITM: the scaled similarities of this rank's pairs against the global batch.
+
+    Attributes:
+        image_to_text: (B, N) logits of this rank's images against all N texts (rank order).
+        text_to_image: (B, N) logits of this rank's texts against all N images.
+        offset: global index of this rank's first pair (its positives are ``offset + arange(B)``).
+    """
+
+    image_to_text: torch.Tensor
+    text_to_image: torch.Tensor
+    offset: int
+
+    def positives(self) -> torch.Tensor:
+        """(B,) global column of each row's own pair."""
+        B = self.image_to_text.shape[0]
+        return torch.arange(B, device=self.image_to_text.device) + self.offset
+
+
 class ImageTextContrastive(Objective):
     """ITC on image-text pairs: two single-modality passes, symmetric InfoNCE.
 
     Reads the *uncorrupted* ``image`` and ``text`` of the pair batch (the masked views are MVLM's), so it
     can share the pair stream with MVLM. Returns ``itc_loss``, ``itc_acc`` (top-1 of image→text and
-    text→image, averaged) and ``itc_count`` (pairs).
+    text→image over the global batch, averaged) and ``itc_count`` (this rank's pairs). Negatives are
+    gathered through :attr:`cross_rank` (see the module docstring).
 
     Args:
         head: the :class:`ITCHead`.
@@ -56,16 +87,20 @@ class ImageTextContrastive(Objective):
 
     name = "itc"
     stream = "pair"
+    provides_context = True
 
     def __init__(self, head: ITCHead, max_logit_scale: float = 100.0) -> None:
         super().__init__()
         self.share("head", head)
         self.max_log_scale = math.log(max_logit_scale)
 
-    def forward(self, backbone: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, backbone: nn.Module, batch: Mapping[str, Any], context: dict[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Args:
         backbone: the Multiway Transformer.
         batch: ``image`` (B, 3, H, W), ``text`` (B, T) long, optional ``text_padding_mask`` (B, T).
+        context: when given, receives ``context["itc"]`` (:class:`ContrastiveSimilarities`).
         """
         image, text = require(batch, ("image", "text"), self.name)
         padding = batch.get("text_padding_mask")
@@ -76,15 +111,19 @@ class ImageTextContrastive(Objective):
         v = F.normalize(self.head.vision_head(vision).float(), dim=-1)
         t = F.normalize(self.head.language_head(words).float(), dim=-1)
         scale = self.head.logit_scale.clamp(max=self.max_log_scale).exp()
-        logits = scale * v @ t.t()  # (B, B): image i vs text j
-        target = torch.arange(logits.shape[0], device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        all_v = self.cross_rank.gather_with_grad(v)  # (N, E), this rank's rows keep their graph
+        all_t = self.cross_rank.gather_with_grad(t)  # (N, E)
+        i2t = scale * v @ all_t.t()  # (B, N): this rank's images vs every text
+        t2i = scale * t @ all_v.t()  # (B, N): this rank's texts vs every image
+        offset = self.cross_rank.offset(v.shape[0], v.device)
+        target = torch.arange(v.shape[0], device=v.device) + offset
+        loss = (F.cross_entropy(i2t, target) + F.cross_entropy(t2i, target)) / 2
         with torch.no_grad():
-            acc = (
-                (logits.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean()
-            ) / 2
+            acc = ((i2t.argmax(1) == target).float().mean() + (t2i.argmax(1) == target).float().mean()) / 2
+        if context is not None:
+            context[self.name] = ContrastiveSimilarities(i2t.detach(), t2i.detach(), offset)
         return {
             "itc_loss": loss,
             "itc_acc": acc,
-            "itc_count": torch.tensor(float(logits.shape[0]), device=logits.device),
+            "itc_count": torch.tensor(float(v.shape[0]), device=v.device),
         }

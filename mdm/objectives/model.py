@@ -6,8 +6,8 @@ returned)``. The visual tokenizer is not part of it: the engine keeps the tokeni
 optimizer and outside ZeRO, and fills ``image_tokens`` first (:func:`mdm.objectives.fill_visual_tokens`).
 
 Parameter names: ``backbone.*`` (exported), ``heads.mim.*`` / ``heads.mlm.*`` (shared by MIM, MVLM and
-the [CLS] head), ``heads.itc.*`` (ITC's projections and temperature), ``objectives.<name>.*`` (objective-private machinery: BEiT v2's extra blocks, the MAE
-decoder). Only ``backbone.*`` survives pretraining (:meth:`PretrainModel.pretrained_backbone_state_dict`).
+the [CLS] head), ``heads.itc.*`` (ITC's projections and temperature), ``heads.itm.*`` (ITM's pooler and classifier),
+``objectives.<name>.*`` (objective-private machinery: BEiT v2's extra blocks, the MAE decoder). Only ``backbone.*`` survives pretraining (:meth:`PretrainModel.pretrained_backbone_state_dict`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from mdm.models import MultiwayTransformer, build_model
 from mdm.models.config import ModelConfig
 from mdm.objectives.amae import AudioMaskedAutoencoder
 from mdm.objectives.audio_contrastive import AudioITCHead, AudioTextContrastive
-from mdm.objectives.base import STREAMS, Objective
+from mdm.objectives.base import STREAMS, CrossRank, Objective
 from mdm.objectives.beats import MaskedAcousticModeling
 from mdm.objectives.cls_pt import ClsMaskedImageModeling
 from mdm.objectives.config import ObjectivesConfig
 from mdm.objectives.contrastive import ImageTextContrastive, ITCHead
 from mdm.objectives.heads import MIMHead, MLMHead
+from mdm.objectives.itm import ImageTextMatching, ITMHead
 from mdm.objectives.mae import MaskedAutoencoder
 from mdm.objectives.masked import MaskedImageModeling, MaskedLanguageModeling, MaskedVisionLanguageModeling
 from mdm.registry import Registry
@@ -81,6 +82,12 @@ def _build_mvlm(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Mod
 def _build_itc(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
     head = heads.setdefault("itc", ITCHead(cfg.embed_dim))
     return ImageTextContrastive(head)  # type: ignore[arg-type]
+
+
+@OBJECTIVES.register("itm")
+def _build_itm(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    head = heads.setdefault("itm", ITMHead(cfg.embed_dim))
+    return ImageTextMatching(head)  # type: ignore[arg-type]
 
 
 @OBJECTIVES.register("mae")
@@ -162,8 +169,20 @@ class PretrainModel(nn.Module):
                 raise ValueError(f"two objectives are named {objective.name!r}")
             if objective.stream not in STREAMS:
                 raise ValueError(f"objective {objective.name!r} reads unknown stream {objective.stream!r}")
+            for needed in objective.reads:
+                earlier = self.objectives[needed] if needed in self.objectives else None
+                if earlier is None or not earlier.provides_context or earlier.stream != objective.stream:
+                    raise ValueError(
+                        f"objective {objective.name!r} reads the results of {needed!r}, which must come "
+                        f"before it on the {objective.stream} stream"
+                    )
             self.objectives[objective.name] = objective
         self.weights = {name: float((weights or {}).get(name, 1.0)) for name in self.objectives}
+
+    def set_cross_rank(self, cross_rank: CrossRank) -> None:
+        """Gives every objective the collectives of the data-parallel group (the engine calls this)."""
+        for objective in self.objectives.values():
+            objective.cross_rank = cross_rank
 
     def streams(self) -> set[str]:
         """The stream kinds some objective consumes."""
@@ -184,11 +203,18 @@ class PretrainModel(nn.Module):
             raise KeyError(f"PretrainModel: unknown stream(s) {sorted(unknown)}; streams are {list(STREAMS)}")
         out: dict[str, torch.Tensor] = {}
         total: torch.Tensor | None = None
+        context: dict[str, Any] = {}  # results objectives hand to later ones within this step
         for name, objective in self.objectives.items():
             batch = batches.get(objective.stream)
             if batch is None:
                 continue
-            for key, value in objective(self.backbone, batch).items():
+            shares = objective.provides_context or objective.reads
+            result = (
+                objective(self.backbone, batch, context=context)
+                if shares
+                else objective(self.backbone, batch)
+            )
+            for key, value in result.items():
                 if key in out:
                     raise RuntimeError(
                         f"objective {name!r} returned {key!r}, which another objective returned"
@@ -277,4 +303,18 @@ def build_pretrain_model(
         raise ValueError("build_pretrain_model: the given backbone's config differs from model_cfg")
     heads: dict[str, nn.Module] = {}
     objectives = [OBJECTIVES.get(name)(model_cfg, obj_cfg, heads) for name in obj_cfg.objectives]
-    return PretrainModel(backbone, heads, objectives, obj_cfg.weights)
+    return PretrainModel(backbone, heads, _providers_first(objectives), obj_cfg.weights)
+
+
+def _providers_first(objectives: list[Objective]) -> list[Objective]:
+    """The objectives in their listed order, except that one reading another's results (ITM reads
+    ITC's) moves after it."""
+    names = {o.name for o in objectives}
+    ordered: list[Objective] = []
+    pending = list(objectives)
+    while pending:
+        placed = {o.name for o in ordered}
+        ready = next((o for o in pending if all(r in placed or r not in names for r in o.reads)), pending[0])
+        ordered.append(ready)
+        pending.remove(ready)
+    return ordered

@@ -4,7 +4,8 @@ Every image becomes RGB: grey-scale and palette images are converted, RGBA/LA ar
 white, 16-bit images are rescaled; an unreadable file raises :class:`ImageReadError` naming it.
 Shards follow the plain WebDataset convention: a tar whose members ``<key>.<ext>`` are grouped by key
 (the member path up to the first dot of its base name), e.g. ``000042.jpg``, ``000042.txt``,
-``000042.tok.npy``.
+``000042.tok.npy``; they are read through :mod:`mdm.data.shard_reader` (local paths or any URL
+webdataset opens).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import glob
 import io
 import logging
 import random
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,42 +101,28 @@ def list_image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def list_shards(paths: list[str]) -> list[Path]:
-    """Tar shards named by ``paths`` (files, folders of ``*.tar``, glob patterns), sorted."""
-    shards: list[Path] = []
-    for p in _expand(paths):
-        shards += sorted(p.glob("*.tar")) if p.is_dir() else [p]
-    for s in shards:
-        if not s.exists():
-            raise FileNotFoundError(f"{s}: no such shard")
-    return shards
+def list_shards(paths: list[str]) -> list[str]:
+    """Tar shards named by ``paths``: local files, folders of ``*.tar`` and globs (sorted), or URLs
+    webdataset opens (``https://``, ``pipe:CMD``, ...), all with brace patterns.
+    """
+    from mdm.data.shard_reader import expand_shards
+
+    return expand_shards(paths, "--shards")
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """``dir/000042.tok.npy`` → (``dir/000042``, ``tok.npy``): WebDataset's key/extension split."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), (ext if dot else "")
+def iter_shard(path: str | Path) -> Iterator[dict[str, bytes | str]]:
+    """Samples of a tar shard (a path or URL): ``{"__key__": key, ext: bytes, ...}`` in file order.
 
+    Raises:
+        ImageReadError: the shard cannot be read to its end (the message names it and why).
+    """
+    from mdm.data.shard_reader import ShardReadError, iter_tar_samples
 
-def iter_shard(path: Path) -> Iterator[dict[str, bytes | str]]:
-    """Samples of a tar shard: ``{"__key__": key, ext: bytes, ...}`` in file order."""
-    sample: dict[str, bytes | str] = {}
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_member(member.name)
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                sample["__key__"] = key
-                sample[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    except tarfile.TarError as e:
-        raise ImageReadError(f"{path}: not a readable tar shard ({e})") from None
-    if sample:
-        yield sample
+        for _, sample in iter_tar_samples(path):
+            yield sample
+    except ShardReadError as e:
+        raise ImageReadError(f"not a readable tar shard: {e}") from None
 
 
 def image_member(sample: dict[str, bytes | str]) -> str | None:

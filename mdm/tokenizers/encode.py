@@ -7,8 +7,9 @@ resized to the tokenizer's resolution. A pretraining run whose augmentation keep
 must be computed online on the same crop. Beside the shards, ``tokens.json`` records the tokenizer
 (``tokenizer_id``, kind, codebook size, grid, resolution, member name and dtype).
 
-Shards are rewritten atomically: to ``out_dir`` with the same file names (the shard set's
-``index.json`` is copied along), or in place.
+Shards are read from local paths or any URL webdataset opens (``https://``, ``pipe:CMD``, ...) and
+rewritten atomically: to ``out_dir`` with the same file names (a local shard set's ``index.json`` is
+copied along), or in place (local shards only).
 """
 
 from __future__ import annotations
@@ -89,9 +90,27 @@ def _write_tar(path: Path, samples: list[dict], codes: list[np.ndarray | None], 
         raise
 
 
+def _targets(shards: list[str], out_dir: Path | None) -> list[Path]:
+    """Where each shard's rewrite goes: ``out_dir/<shard file name>``, or the shard itself (in place)."""
+    from mdm.data.shard_reader import is_url, shard_name
+
+    if out_dir is None:
+        remote = [s for s in shards if is_url(s)]
+        if remote:
+            raise ValueError(f"{remote[0]}: only local shards can be rewritten in place; give --out DIR")
+        return [Path(s) for s in shards]
+    targets = [out_dir / shard_name(s) for s in shards]
+    seen: dict[Path, str] = {}
+    for shard, target in zip(shards, targets):
+        if target in seen:
+            raise ValueError(f"{seen[target]} and {shard} would both be written to {target}")
+        seen[target] = shard
+    return targets
+
+
 def encode_shards(
     tok: VisualTokenizer,
-    shards: list[Path],
+    shards: list[str | Path],
     out_dir: Path | None = None,
     member: str = "tok.npy",
     batch_size: int = 64,
@@ -100,8 +119,9 @@ def encode_shards(
 
     Args:
         tok: a loaded (frozen) visual tokenizer.
-        shards: tar shards.
-        out_dir: where to write the new shards (same names); ``None`` rewrites them in place.
+        shards: tar shards: local paths or URLs webdataset opens (``https://``, ``pipe:CMD``, ...).
+        out_dir: where to write the new shards (same file names); ``None`` rewrites them in place
+            (local shards only).
         member: extension of the new member (``<key>.<member>``).
         batch_size: images per tokenizer call.
 
@@ -110,12 +130,13 @@ def encode_shards(
     """
     if not member.endswith(".npy"):
         raise ValueError(f"member {member!r} must end with .npy")
+    shards = [str(s) for s in shards]
+    targets = _targets(shards, out_dir)
     dtype = "int16" if tok.codebook_size <= np.iinfo(np.int16).max else "int32"
     total = 0
-    for shard in shards:
+    for shard, target in zip(shards, targets):
         samples = list(iter_shard(shard))
-        codes = _codes_for(tok, samples, str(shard), batch_size)
-        target = (out_dir / shard.name) if out_dir is not None else shard
+        codes = _codes_for(tok, samples, shard, batch_size)
         target.parent.mkdir(parents=True, exist_ok=True)
         _write_tar(target, samples, codes, member)
         n = sum(c is not None for c in codes)
@@ -131,19 +152,24 @@ def encode_shards(
         "dtype": dtype,
         "view": "whole image resized to img_size",
         "num_samples": total,
-        "shards": [s.name for s in shards],
+        "shards": [t.name for t in targets],
     }
-    where = out_dir if out_dir is not None else shards[0].parent
+    where = out_dir if out_dir is not None else targets[0].parent
     atomic_write_bytes(where / TOKENS_JSON, (json.dumps(info, indent=2) + "\n").encode())
     _copy_shard_index(shards, out_dir)
     return info
 
 
-def _copy_shard_index(shards: list[Path], out_dir: Path | None) -> None:
-    """Copies the shard set's ``index.json`` (``mdm data shards``) to ``out_dir``: same shards, same counts."""
+def _copy_shard_index(shards: list[str], out_dir: Path | None) -> None:
+    """Copies the shard set's ``index.json`` (``mdm data shards``) to ``out_dir``: same shards, same counts.
+
+    Only local shard sets have one to copy; URL shards are read as a stream, without their folder.
+    """
+    from mdm.data.shard_reader import is_url
+
     if out_dir is None:
         return
-    for folder in sorted({s.parent for s in shards}):
+    for folder in sorted({Path(s).parent for s in shards if not is_url(s)}):
         index = folder / "index.json"
         if index.exists() and not (out_dir / "index.json").exists():
             atomic_write_bytes(out_dir / "index.json", index.read_bytes())

@@ -9,8 +9,11 @@ Run it as::
     deepspeed --hostfile hosts -m mdm.cli pretrain --config ... distributed.zero_stage=3
 
 The visual tokenizer is loaded frozen (eval, no grad), kept out of the optimizer and out of DDP/ZeRO;
-it fills ``image_tokens`` for batches whose shards carry no precomputed codes. The acoustic tokenizer
-(``audio_tokenizer``, BEATs' targets) is held the same way and fills ``audio_tokens`` of audio batches.
+it fills ``image_tokens`` for batches whose shards carry no precomputed codes. Objectives that need other
+ranks' data (ITC's negatives, ITM's hard-negative candidates) get the collectives of
+:mod:`mdm.distributed.ops` (:meth:`~mdm.objectives.PretrainModel.set_cross_rank`) under every strategy.
+The acoustic tokenizer (``audio_tokenizer``, BEATs' targets) is held like the visual one and fills
+``audio_tokens`` of audio batches.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from mdm.config import ConfigError, dump_yaml, load_config, to_dict
 from mdm.data.streams import PretrainDataConfig
 from mdm.distributed.strategy import DistributedConfig, build_strategy
 from mdm.models.config import ModelConfig
-from mdm.objectives import ObjectivesConfig, build_pretrain_model, fill_visual_tokens
+from mdm.objectives import CrossRank, ObjectivesConfig, build_pretrain_model, fill_visual_tokens
 from mdm.train.flops import train_step_flops
 from mdm.train.loop import TrainConfig, Trainer
 from mdm.train.metrics import LoggingConfig
@@ -91,6 +94,22 @@ def _load_tokenizers(cfg: PretrainConfig, device: torch.device):
     return visual, text
 
 
+def cross_rank() -> CrossRank:
+    """The data-parallel collectives handed to the objectives (identity in one process)."""
+    from mdm.distributed import ops
+
+    return CrossRank(gather_with_grad=ops.all_gather_with_grad, gather=ops.all_gather, rank=ops.rank)
+
+
+def _sampling_generator(model) -> torch.Generator | None:
+    """ITM's random source (on the CPU: sampling there is cheap and device-independent), or None."""
+    itm = model.objectives["itm"] if "itm" in model.objectives else None
+    if itm is None:
+        return None
+    itm.generator = torch.Generator()
+    return itm.generator
+
+
 def _check_audio_tokenizer(cfg: PretrainConfig, tok: Any) -> None:
     if getattr(tok, "modality", "") != "audio":
         raise ConfigError(
@@ -120,13 +139,22 @@ def _load_audio_tokenizer(cfg: PretrainConfig, device: torch.device):
 
 
 def _prepare_fn(
-    visual, num_patches: int, streams: set[str], audio=None, audio_streams: set[str] = frozenset()
+    visual,
+    num_patches: int,
+    streams: set[str],
+    generator: torch.Generator | None = None,
+    audio=None,
+    audio_streams: set[str] = frozenset(),
 ):
     """Fills visual tokens of the ``streams`` batches (those whose objectives need codes) with the frozen
-    tokenizer, and acoustic tokens of the ``audio_streams`` batches with the frozen acoustic one."""
+    tokenizer, acoustic tokens of the ``audio_streams`` batches with the frozen acoustic one, and
+    re-seeds the objectives' ``generator`` from the training RNG (which checkpoints save and restore, so
+    a resumed run draws the same hard negatives)."""
     from mdm.objectives import fill_audio_tokens
 
     def prepare(batches: dict[str, Any]) -> dict[str, Any]:
+        if generator is not None:
+            generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         out = dict(batches)
         for stream in audio_streams:
             b = out.get(stream)
@@ -149,9 +177,12 @@ def _prepare_fn(
     return prepare
 
 
-def _sequences(model_cfg: ModelConfig, batches: dict[str, Any], itc: bool = False) -> list[tuple[int, int]]:
+def _sequences(
+    model_cfg: ModelConfig, batches: dict[str, Any], itc: bool = False, itm: bool = False
+) -> list[tuple[int, int]]:
     """(batch size, encoder sequence length) of every backbone pass of a step: one per stream, plus ITC's
-    image-alone and text-alone passes over the pair batch when ``itc``."""
+    image-alone and text-alone passes over the pair batch when ``itc`` and ITM's joint pass over 3B pairs
+    when ``itm``."""
     seqs = []
     for kind, b in batches.items():
         if not isinstance(b, dict):
@@ -174,17 +205,19 @@ def _sequences(model_cfg: ModelConfig, batches: dict[str, Any], itc: bool = Fals
             seqs.append((bsz, n))
         if itc and kind == "pair" and b.get("image") is not None and b.get("text") is not None:
             seqs += [(bsz, 1 + model_cfg.num_patches), (bsz, b["text"].shape[1])]
+        if itm and kind == "pair" and b.get("image") is not None and b.get("text") is not None:
+            seqs.append((3 * bsz, 1 + model_cfg.num_patches + b["text"].shape[1]))
         if kind == "audio_text" and b.get("text") is not None:  # audio_itc: clip and caption apart
             seqs = seqs[:-1] + [(bsz, n - b["text"].shape[1]), (bsz, b["text"].shape[1])]
     return seqs
 
 
-def _flops_fn(model_cfg: ModelConfig, itc: bool = False):
-    return lambda batches: train_step_flops(model_cfg, _sequences(model_cfg, batches, itc))
+def _flops_fn(model_cfg: ModelConfig, itc: bool = False, itm: bool = False):
+    return lambda batches: train_step_flops(model_cfg, _sequences(model_cfg, batches, itc, itm))
 
 
-def _tokens_fn(model_cfg: ModelConfig, itc: bool = False):
-    return lambda batches: sum(b * n for b, n in _sequences(model_cfg, batches, itc))
+def _tokens_fn(model_cfg: ModelConfig, itc: bool = False, itm: bool = False):
+    return lambda batches: sum(b * n for b, n in _sequences(model_cfg, batches, itc, itm))
 
 
 def _samples_fn(batches: dict[str, Any]) -> int:
@@ -208,6 +241,8 @@ def build_run(cfg: PretrainConfig) -> Trainer:
     if cfg.init:
         model.backbone.load_state_dict(from_pretrained(cfg.init).state_dict())
         log.info("backbone initialised from %s", cfg.init)
+    model.set_cross_rank(cross_rank())  # ITC negatives and ITM candidates from every rank
+    generator = _sampling_generator(model)
     frozen = apply_trainable(model, cfg.optim)
     if frozen:
         log.info("%d parameter tensors frozen by optim.trainable/optim.frozen", len(frozen))
@@ -222,9 +257,10 @@ def build_run(cfg: PretrainConfig) -> Trainer:
         seed=cfg.train.seed,
     )
     token_streams = {o.stream for o in model.objectives.values() if o.needs_visual_tokens}
-    audio_streams = {o.stream for o in model.objectives.values() if getattr(o, "needs_audio_tokens", False)}
+    audio_streams = {o.stream for o in model.objectives.values() if o.needs_audio_tokens}
     audio_tok = _load_audio_tokenizer(cfg, strategy.device) if audio_streams else None
     strategy.configure(cfg.data.micro_batch_size(), cfg.train.grad_accum, cfg.optim.clip_grad)
+    names = cfg.objectives.objectives
     return Trainer(
         model,
         optimizer,
@@ -233,10 +269,12 @@ def build_run(cfg: PretrainConfig) -> Trainer:
         cfg.train,
         cfg.optim,
         cfg.logging,
-        prepare=_prepare_fn(visual, cfg.model.num_patches, token_streams, audio_tok, audio_streams),
-        flops_per_batch=_flops_fn(cfg.model, "itc" in cfg.objectives.objectives),
+        prepare=_prepare_fn(
+            visual, cfg.model.num_patches, token_streams, generator, audio_tok, audio_streams
+        ),
+        flops_per_batch=_flops_fn(cfg.model, "itc" in names, "itm" in names),
         samples_per_batch=_samples_fn,
-        tokens_per_batch=_tokens_fn(cfg.model, "itc" in cfg.objectives.objectives),
+        tokens_per_batch=_tokens_fn(cfg.model, "itc" in names, "itm" in names),
         run_config=to_dict(cfg),
     )
 
@@ -244,8 +282,9 @@ def build_run(cfg: PretrainConfig) -> Trainer:
 def export_backbone(trainer: Trainer, cfg: PretrainConfig) -> Path | None:
     """Writes the pretrained backbone to ``<out_dir>/model`` (rank 0; gathers ZeRO-3 shards on all ranks).
 
-    The pretraining heads (``heads.mim.*``, ``heads.mlm.*``, ``heads.itc.*``, ``heads.audio_itc.*``) go beside it in
-    ``heads.safetensors``: a retrieval fine-tuning starts from the ITC projections, and the demo's report
+    The pretraining heads (``heads.mim.*``, ``heads.mlm.*``, ``heads.itc.*``, ``heads.itm.*``,
+    ``heads.audio_itc.*``) go beside it in ``heads.safetensors``: a retrieval fine-tuning starts from the
+    ITC projections (and ITM head), and the demo's report
     predicts masked words and patches with the MLM and MIM heads.
     """
     from mdm.models.io import save_pretrained, save_safetensors_atomic
