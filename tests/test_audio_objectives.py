@@ -219,3 +219,37 @@ def test_all_streams_in_one_pretrain_model():
     assert {"objectives.amae.decoder.mask_token", "backbone.audio_embed.cls_token"} <= nwd <= set(names)
     with pytest.raises(ValueError, match="no audio expert"):
         build_pretrain_model(make_config("vlmo_tiny", depth=1), ObjectivesConfig(objectives=["amae"]))
+
+
+@pytest.mark.parity
+def test_amae_loss_matches_audiomae_restated_on_timm():
+    """The amae objective against AudioMAE's computation on timm modules (``benchmarks/audio_throughput.py``'s
+    peer) at a tiny size, same weights through the import key map: equal loss and encoder gradients."""
+    pytest.importorskip("timm")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "audio_throughput.py"
+    spec = importlib.util.spec_from_file_location("audio_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    TimmAudioMAE, share_weights = bench.TimmAudioMAE, bench.share_weights
+
+    torch.manual_seed(0)
+    peer = TimmAudioMAE(frames=64, dim=64, depth=2, heads=4, dec_dim=32, dec_depth=2, dec_heads=4)
+    model = create_model("audiomae_tiny", depth=2, embed_dim=64, ffn_dim=256, num_heads=4, audio_frames=64)
+    obj = AudioMaskedAutoencoder(model.cfg, decoder_dim=32, decoder_depth=2, decoder_heads=4)
+    with torch.no_grad():
+        for p in peer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    share_weights(peer, model, obj)
+    batch = audio_batch(B=3, ratio=0.8)
+    vis = (~batch["audio_mask"]).nonzero()[:, 1].view(3, -1)
+    ours = obj(model, batch)["amae_loss"]
+    theirs = peer(batch["audio"], vis)
+    assert abs(ours.item() - theirs.item()) <= 1e-5
+    ours.backward()
+    theirs.backward()
+    g_ours = model.layers[0].ffn.audio.fc1.weight.grad
+    g_theirs = peer.encoder.blocks[0].mlp.fc1.weight.grad
+    assert (g_ours - g_theirs).abs().max().item() <= 1e-5
