@@ -1,5 +1,9 @@
 """``mdm import unilm|audiomae <checkpoint.pth> <out_dir>``: torchscale/unilm BEiT-3 or AudioMAE → an mdm
-model directory."""
+model directory.
+
+``mdm import beats <checkpoint.pt> <out_dir>``: a released BEATs checkpoint (microsoft/unilm ``beats/``)
+→ an mdm model directory of the ``beats`` family (:mod:`mdm.export.beats`).
+"""
 
 from __future__ import annotations
 
@@ -34,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("checkpoint", help="the .pth file")
     a.add_argument("out_dir", help="directory to write")
     a.add_argument("--num-heads", type=int, default=None, help="attention heads (default: width / 64)")
+    b = sub.add_parser(
+        "beats",
+        help="released BEATs checkpoint (.pt: {'cfg', 'model'})",
+        description="Convert a released BEATs checkpoint (pre-trained or AudioSet fine-tuned) into an mdm "
+        "model directory loadable by mdm.from_pretrained. Read with torch.load(weights_only=True).",
+    )
+    b.add_argument("checkpoint", help="the .pt file")
+    b.add_argument("out_dir", help="directory to write")
     return p
 
 
@@ -54,10 +66,27 @@ def _import_audiomae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_beats(args: argparse.Namespace) -> int:
+    from mdm.export.beats import import_beats
+    from mdm.models.io import read_meta
+
+    try:
+        out = import_beats(args.checkpoint, args.out_dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mdm import: {e}", file=sys.stderr)
+        return 1
+    m = read_meta(out)["model"]
+    head = f", AudioSet predictor with {m['predictor_class']} classes" if m["finetuned_model"] else ""
+    print(f"wrote {out} (BEATs: {m['encoder_layers']} layers, width {m['encoder_embed_dim']}{head})")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.source == "audiomae":
         return _import_audiomae(args)
+    if args.source == "beats":
+        return _import_beats(args)
     from mdm.export.unilm import import_unilm
 
     try:

@@ -78,8 +78,8 @@ def save_pretrained(
     return out
 
 
-def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """The :class:`ModelConfig` and full metadata of a model directory."""
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    """The checked ``config.json`` of a model directory of any family."""
     path = Path(model_dir) / CONFIG
     try:
         meta = json.loads(path.read_text())
@@ -87,10 +87,28 @@ def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any
         raise FileNotFoundError(f"{model_dir}: not an mdm model directory (no {CONFIG})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}: 'format' is {got!r}, expected {FORMAT!r}")
     if "model" not in meta:
         raise ValueError(f"{path}: missing key 'model'")
+    return meta
+
+
+def model_family(model_dir: str | Path) -> str:
+    """The model family of a directory: ``multiway`` (default) or the ``family`` its config.json names
+    (``beats``: :class:`mdm.models.beats.BEATsEncoder`, written by ``mdm import beats``)."""
+    return str(read_meta(model_dir).get("family", "multiway"))
+
+
+def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The :class:`ModelConfig` and full metadata of a (Multiway) model directory."""
+    meta = read_meta(model_dir)
+    path = Path(model_dir) / CONFIG
+    if meta.get("family", "multiway") != "multiway":
+        raise ValueError(
+            f"{path}: a {meta['family']!r} model, not a Multiway Transformer (load it with mdm.from_pretrained)"
+        )
     return from_dict(ModelConfig, meta["model"], source=str(path), prefix="model."), meta
 
 
@@ -106,6 +124,10 @@ def from_pretrained(model_dir: str | Path, map_location: str | torch.device = "c
     """
     from mdm.models.multiway import MultiwayTransformer
 
+    if model_family(model_dir) == "beats":
+        from mdm.models.beats import load_beats
+
+        return load_beats(model_dir, map_location, strict, **overrides)
     cfg, _ = read_model_config(model_dir)
     for k, v in overrides.items():
         if not hasattr(cfg, k):

@@ -87,7 +87,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, float]:
     maybe_init_distributed(device)
     task, model, meta = load_task_model(args.checkpoint, sections.task, sections.data, device)
     tokenizer = load_text_tokenizer(args.tokenizer or meta.get("text_tokenizer"))
-    if tokenizer is None and task.cfg.name != "classification":
+    if tokenizer is None and task.cfg.name not in ("classification", "audio_classification"):
         raise ValueError(f"{args.checkpoint} records no text tokenizer; pass --tokenizer")
     dataset = task.build_dataset(args.split or "val", tokenizer)
     workers = sections.data.num_workers if args.num_workers is None else args.num_workers

@@ -48,7 +48,7 @@ def predict(args: argparse.Namespace) -> tuple[list[dict], str]:
     maybe_init_distributed(device)
     task, model, meta = load_task_model(args.checkpoint, sections.task, sections.data, device)
     tokenizer = load_text_tokenizer(args.tokenizer or meta.get("text_tokenizer"))
-    if tokenizer is None and task.cfg.name != "classification":
+    if tokenizer is None and task.cfg.name not in ("classification", "audio_classification"):
         raise ValueError(f"{args.checkpoint} records no text tokenizer; pass --tokenizer")
     split = args.split or "test"
     dataset = task.build_dataset(split, tokenizer)

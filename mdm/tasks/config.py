@@ -11,13 +11,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mdm.data.audio import AudioFrontendConfig
 from mdm.distributed.strategy import DistributedConfig
 from mdm.models.config import ModelConfig
 from mdm.train.loop import TrainConfig
 from mdm.train.metrics import LoggingConfig
 from mdm.train.optim import OptimConfig
 
-TaskName = Literal["vqav2", "nlvr2", "retrieval", "classification"]
+TaskName = Literal["vqav2", "nlvr2", "retrieval", "classification", "audio_classification"]
+
+
+@dataclass
+class AudioDataConfig:
+    """``data.audio``: the audio-classification recipe's front end, layout and augmentation.
+
+    Attributes:
+        frontend: waveform → filterbank (``style``, ``target_frames``...; see :mod:`mdm.data.audio`).
+        layout: ``esc50`` (``meta/esc50.csv`` + ``audio/``, single-label), ``audioset`` (segment CSVs +
+            ``class_labels_indices.csv``, multi-label) or ``auto`` (``esc50`` when ``meta/esc50.csv`` exists).
+        audio_dir: folder of the clips under ``data.root`` (AudioSet: ``<YTID>.wav|flac|mp3|ogg`` or
+            ``Y<YTID>.wav``).
+        class_index_csv: AudioSet class list (``index,mid,display_name``) under ``data.root``.
+        freqm: SpecAugment frequency mask: width uniform in [0, freqm) mel bins (AudioMAE fine-tuning: 48).
+        timem: SpecAugment time mask width bound for 1024 frames (AudioMAE: 192), scaled to
+            ``target_frames`` (96 for 512 frames).
+        mixup: mixup Beta(α, α) parameter, batch-wise as timm's ``Mixup`` (AudioMAE: 0.5; 0 = off).
+        mixup_prob: probability of mixing a training batch.
+    """
+
+    frontend: AudioFrontendConfig = field(default_factory=AudioFrontendConfig)
+    layout: Literal["auto", "esc50", "audioset"] = "auto"
+    audio_dir: str = "audio"
+    class_index_csv: str = "class_labels_indices.csv"
+    freqm: int = 48
+    timem: int = 192
+    mixup: float = 0.5
+    mixup_prob: float = 1.0
 
 
 @dataclass
@@ -46,6 +75,9 @@ class TaskDataConfig:
         karpathy_file: retrieval: ``dataset_coco.json`` or ``dataset_flickr30k.json`` (in ``root``).
         image_dir: retrieval: image folder under ``root`` (empty: the Karpathy ``filepath`` for COCO,
             ``flickr30k-images`` for Flickr30k).
+        fold: audio_classification on ESC-50: the held-out fold (1–5) validated on, the others trained on;
+            0 = all five in turn (``mdm finetune`` runs the 5-fold cross-validation and reports the mean).
+        audio: audio_classification: front end, layout, SpecAugment, mixup.
     """
 
     root: str = ""
@@ -65,6 +97,8 @@ class TaskDataConfig:
     holdout_seed: int = 0
     karpathy_file: str = "dataset_coco.json"
     image_dir: str = ""
+    fold: int = 0
+    audio: AudioDataConfig = field(default_factory=AudioDataConfig)
 
     def validate(self) -> None:
         """Raises ValueError on impossible values."""
@@ -82,9 +116,10 @@ class TaskConfig:
     """The ``task:`` section: which recipe and its head/loss options.
 
     Attributes:
-        name: ``vqav2``, ``nlvr2``, ``retrieval`` or ``classification``.
-        num_classes: classification: number of classes (0 = the class folders of the train split).
-        label_smoothing: classification: cross-entropy label smoothing.
+        name: ``vqav2``, ``nlvr2``, ``retrieval``, ``classification`` or ``audio_classification``.
+        num_classes: classification: number of classes (0 = the class folders of the train split;
+            audio_classification: the classes of the dataset's metadata).
+        label_smoothing: classification / audio_classification: label smoothing.
         head_init_scale: NLVR2 / classification: the head's output Linear weights are multiplied by this
             after init (unilm uses 0.001).
         logit_scale_init: retrieval: initial temperature 1/τ (stored as its log; CLIP uses 1/0.07).

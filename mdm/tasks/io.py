@@ -22,6 +22,7 @@ from mdm.models.io import (
     FORMAT,
     FORMAT_VERSION,
     atomic_write_bytes,
+    read_meta,
     read_model_config,
     save_safetensors_atomic,
 )
@@ -72,6 +73,8 @@ def save_task_model(
         if text_tokenizer is None or isinstance(text_tokenizer, (str, dict))
         else str(text_tokenizer),
     }
+    if getattr(module.backbone, "family", "multiway") != "multiway":  # e.g. an imported BEATs encoder
+        meta["family"] = module.backbone.family
     meta.update(extra or {})
     atomic_write_bytes(out / CONFIG, (json.dumps(meta, indent=2) + "\n").encode())
     return out
@@ -80,7 +83,7 @@ def save_task_model(
 def read_task_meta(model_dir: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a fine-tuned model directory (checked)."""
     try:
-        _, meta = read_model_config(model_dir)
+        meta = read_meta(model_dir)
     except FileNotFoundError:
         raise FileNotFoundError(f"{model_dir}: not a fine-tuned mdm model directory (no {CONFIG})") from None
     for key in ("task", "data"):
@@ -104,7 +107,6 @@ def load_task_model(
         map_location: device of the weights.
     """
     meta = read_task_meta(model_dir)
-    model_cfg, _ = read_model_config(model_dir)
     src = str(Path(model_dir) / CONFIG)
     saved_task = from_dict(TaskConfig, meta["task"], source=src, prefix="task.")
     if task_cfg is not None and task_cfg.name != saved_task.name:
@@ -114,7 +116,13 @@ def load_task_model(
         data if data is not None else from_dict(TaskDataConfig, meta["data"], source=src, prefix="data.")
     )
     task = build_task(task_cfg, data_cfg, meta.get("task_state") or None)
-    model = task.build_model(MultiwayTransformer(model_cfg))
+    if meta.get("family", "multiway") == "beats":
+        from mdm.models.beats import BEATsEncoder, beats_config_from_meta
+
+        backbone: torch.nn.Module = BEATsEncoder(beats_config_from_meta(meta, src))
+    else:
+        backbone = MultiwayTransformer(read_model_config(model_dir)[0])
+    model = task.build_model(backbone)
     sd: dict[str, torch.Tensor] = {}
     for name, prefix in ((WEIGHTS, BACKBONE), (HEADS, "")):
         path = Path(model_dir) / name

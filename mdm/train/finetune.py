@@ -31,12 +31,19 @@ from mdm.train.loop import Trainer
 log = logging.getLogger(__name__)
 
 
-def load_backbone(init: str, cfg: ModelConfig) -> MultiwayTransformer:
-    """The backbone of ``cfg`` with weights from ``init`` (see the module docstring)."""
+def load_backbone(init: str, cfg: ModelConfig) -> torch.nn.Module:
+    """The backbone of ``cfg`` with weights from ``init`` (see the module docstring); an imported BEATs
+    directory (``mdm import beats``) is loaded as its own encoder and ``model`` is not used."""
+    path = Path(init)
+    if init not in ("", "scratch") and path.is_dir():
+        from mdm.models.io import from_pretrained, model_family
+
+        if model_family(path) == "beats":
+            log.info("backbone: the BEATs encoder of %s (the model: section is not used)", init)
+            return from_pretrained(path)
     model = MultiwayTransformer(cfg)
     if init in ("", "scratch"):
         return model
-    path = Path(init)
     if path.is_dir():
         from safetensors.torch import load_file
 
@@ -144,7 +151,7 @@ def run_finetune(cfg, metrics_json: str | None = None) -> dict[str, float]:
     from mdm.train.optim import apply_trainable, build_optimizer
 
     apply_trainable(model, cfg.optim)
-    optimizer = build_optimizer(model, cfg.optim, cfg.model.depth)
+    optimizer = build_optimizer(model, cfg.optim, model.num_layers)
     strategy.configure(cfg.batch_size, cfg.train.grad_accum, cfg.optim.clip_grad)
 
     def val_loader():
@@ -215,7 +222,12 @@ def main(argv: list[str]) -> int:
         if args.print_config:
             print(dump_yaml(cfg))
             return 0
-        run_finetune(cfg, args.metrics_json)
+        from mdm.tasks.audio_classification import run_cross_validation, wants_cross_validation
+
+        if wants_cross_validation(cfg):  # ESC-50 with data.fold=0: the five folds in turn
+            run_cross_validation(cfg, run_finetune, args.metrics_json)
+        else:
+            run_finetune(cfg, args.metrics_json)
     except (ConfigError, FileNotFoundError) as e:
         print(f"mdm finetune: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,11 @@ from torch import nn
 
 _EMBED_RE = re.compile(r"^(backbone\.)?(text_embed|vision_embed|vision_pos_embed|text_pos_embed)\b")
 _LAYER_RE = re.compile(r"^(backbone\.)?layers\.(\d+)\.")
+# BEATs (mdm.models.beats, the release's names): the stem before the stack, and encoder.layers.N
+_BEATS_EMBED_RE = re.compile(
+    r"^(backbone\.)?(patch_embedding|layer_norm|post_extract_proj|encoder\.pos_conv|encoder\.layer_norm)\."
+)
+_BEATS_LAYER_RE = re.compile(r"^(backbone\.)?encoder\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -58,9 +63,9 @@ class OptimConfig:
 
 def layer_id(name: str, num_layers: int) -> int:
     """Layer index of a parameter for layer-wise lr decay (0 = embeddings, L + 1 = after the stack)."""
-    if _EMBED_RE.match(name):
+    if _EMBED_RE.match(name) or _BEATS_EMBED_RE.match(name):
         return 0
-    m = _LAYER_RE.match(name)
+    m = _LAYER_RE.match(name) or _BEATS_LAYER_RE.match(name)
     if m:
         return int(m.group(2)) + 1
     return num_layers + 1
