@@ -99,7 +99,9 @@ def prepare_out(out: Path, seed: int, quick: bool) -> None:
 
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
-            raise DemoError(f"{out} exists, is not empty and was not written by mdm demo; choose another --out")
+            raise DemoError(
+                f"{out} exists, is not empty and was not written by mdm demo; choose another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"seed": seed, "quick": quick, "modality": "audio"}) + "\n")
@@ -108,9 +110,11 @@ def prepare_out(out: Path, seed: int, quick: bool) -> None:
 def stage_worlds(out: Path, plan: AudioPlan, seed: int) -> dict[str, Any]:
     from mdm.data.demo.sound_writers import write_sound_world
 
-    pre = write_sound_world(out / "world" / "pretrain", plan.pretrain_clips_per_class, 1000 + seed, plan.duration)
+    pre = write_sound_world(
+        out / "world" / "pretrain", plan.pretrain_clips_per_class, 1000 + seed, plan.duration
+    )
     task = write_sound_world(out / "world" / "esc50", plan.task_clips_per_class, seed, plan.duration)
-    info = {"pretrain_clips": len(pre["clips"]), "task_clips": len(task["clips"]), "classes": task["classes"]}
+    info = {"pretrain_clips": pre["clips"], "task_clips": task["clips"], "classes": task["classes"]}
     print(json.dumps(info))
     return info
 
@@ -126,7 +130,10 @@ def tokenizer_argv(out: Path, plan: AudioPlan, seed: int, cfg: Path, iteration: 
             f"out_dir={out}/tokenizers/{name}", f"seed={seed}", f"audio.demo_seed={1000 + seed}",
             f"audio.demo_duration={plan.duration}"]  # fmt: skip
     if iteration == 2:
-        argv += [f"audio_teacher.model_dir={out}/pretrain/beats/model", f"acoustic_vqkd.audio_frames={plan.frames}"]
+        argv += [
+            f"audio_teacher.model_dir={out}/pretrain/beats/model",
+            f"acoustic_vqkd.audio_frames={plan.frames}",
+        ]
         return argv + plan.tokenizer2
     return argv + plan.tokenizer
 
@@ -140,7 +147,9 @@ def pretrain_argv(out: Path, plan: AudioPlan, seed: int, cfg: Path, which: str) 
     return argv
 
 
-def finetune_argv(out: Path, plan: AudioPlan, seed: int, cfg: Path, name: str, init: str, arch: str) -> list[str]:
+def finetune_argv(
+    out: Path, plan: AudioPlan, seed: int, cfg: Path, name: str, init: str, arch: str
+) -> list[str]:
     """``mdm finetune`` arguments of one run; pretrained and scratch runs differ only in ``init``."""
     run_dir = out / "finetune" / name
     source = f"{out}/{init}" if init != "scratch" else "scratch"
@@ -213,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the worlds and of every training run")
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes at once (default: min(2, cores))")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="processes at once (default: min(2, cores))",
+    )
     return p
 
 
@@ -233,10 +247,15 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         st.run("sound worlds", lambda: stage_worlds(out, plan, seed))
         st.run("audio shards", lambda: stage_shards(out))
-        st.run("acoustic tokenizer (iteration 1)", lambda: run_command(tokenizer_argv(out, plan, seed, cfg, 1)))
+        st.run(
+            "acoustic tokenizer (iteration 1)", lambda: run_command(tokenizer_argv(out, plan, seed, cfg, 1))
+        )
         st.run("pretraining (AudioMAE, BEATs)", lambda: stage_pretrain(out, plan, seed, cfg, args.jobs))
         if plan.iteration2:
-            st.run("acoustic tokenizer (iteration 2)", lambda: run_command(tokenizer_argv(out, plan, seed, cfg, 2)))
+            st.run(
+                "acoustic tokenizer (iteration 2)",
+                lambda: run_command(tokenizer_argv(out, plan, seed, cfg, 2)),
+            )
         st.run("fine-tuning", lambda: stage_finetune(out, plan, seed, cfg, args.jobs))
         results = collect(out, plan, seed)
         results["wall_seconds"] = time.perf_counter() - start

@@ -39,7 +39,10 @@ def _majority_rate(tok_dir: Path, plan: Any, seed: int) -> float:
     tok = T.load(tok_dir)
     meta = json.loads((tok_dir / "config.json").read_text())
     fe = from_dict(AudioFrontendConfig, meta["frontend"], source=str(tok_dir))
-    clips = load_clips(AudioClipsConfig(eval_clips=32, demo_seed=1000 + seed, demo_duration=plan.duration, frontend=fe), held_out=True)
+    clips = load_clips(
+        AudioClipsConfig(eval_clips=32, demo_seed=1000 + seed, demo_duration=plan.duration, frontend=fe),
+        held_out=True,
+    )
     audio, pad = clips.batch(list(range(len(clips))), fe.pad_value)
     codes = tok.encode(audio, pad)
     if pad is not None:
@@ -58,17 +61,30 @@ def collect(out: Path, plan: Any, seed: int) -> dict[str, Any]:
     amae = read_metrics(out / "pretrain" / "audiomae" / "metrics.jsonl")
     beats = read_metrics(out / "pretrain" / "beats" / "metrics.jsonl")
     res["amae_loss"] = {"first": _window(amae, "amae_loss", True), "last": _window(amae, "amae_loss", False)}
-    res["beats_acc"] = {"first": _window(beats, "beats_acc", True), "last": _window(beats, "beats_acc", False)}
-    res["beats_loss"] = {"first": _window(beats, "beats_loss", True), "last": _window(beats, "beats_loss", False)}
+    res["beats_acc"] = {
+        "first": _window(beats, "beats_acc", True),
+        "last": _window(beats, "beats_acc", False),
+    }
+    res["beats_loss"] = {
+        "first": _window(beats, "beats_loss", True),
+        "last": _window(beats, "beats_loss", False),
+    }
     tokenizers = {}
     for name in ("iter1", "iter2"):
         path = out / "tokenizers" / name / "config.json"
         if path.is_file():
             meta = json.loads(path.read_text())
-            tokenizers[name] = {"kind": meta["kind"], "codebook_size": meta["config"]["codebook_size"], **meta["metrics"]}
+            tokenizers[name] = {
+                "kind": meta["kind"],
+                "codebook_size": meta["config"]["codebook_size"],
+                **meta["metrics"],
+            }
     res["tokenizers"] = tokenizers
     K = tokenizers["iter1"]["codebook_size"]
-    res["beats_chance"] = {"uniform": 1.0 / K, "majority_code": _majority_rate(out / "tokenizers" / "iter1", plan, seed)}
+    res["beats_chance"] = {
+        "uniform": 1.0 / K,
+        "majority_code": _majority_rate(out / "tokenizers" / "iter1", plan, seed),
+    }
     res["finetune"] = {}
     for run in sorted((out / "finetune").glob("*/metrics.json")):
         res["finetune"][run.parent.name] = json.loads(run.read_text())
@@ -80,7 +96,9 @@ def _colour(x: Any) -> Any:
     """(H, W) values in [0, 1] → (H, W, 3) uint8 on a dark-blue → yellow ramp."""
     import numpy as np
 
-    anchors = np.array([[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104], [254, 159, 109], [252, 253, 191]], float)
+    anchors = np.array(
+        [[0, 0, 4], [59, 15, 112], [140, 41, 129], [222, 73, 104], [254, 159, 109], [252, 253, 191]], float
+    )
     pos = np.clip(x, 0, 1) * (len(anchors) - 1)
     lo = np.floor(pos).astype(int).clip(0, len(anchors) - 2)
     w = (pos - lo)[..., None]
@@ -169,9 +187,13 @@ def print_table(res: dict[str, Any]) -> None:
     print(text_table(["pretraining", "pretrained", "scratch", "margin"], _rows(res)))
     a, b, c = res["amae_loss"], res["beats_acc"], res["beats_chance"]
     print(f"AudioMAE reconstruction loss {a['first']:.3f} -> {a['last']:.3f}")
-    print(f"BEATs token accuracy {b['first']:.3f} -> {b['last']:.3f} (chance {c['uniform']:.4f}, best constant {c['majority_code']:.3f})")
+    print(
+        f"BEATs token accuracy {b['first']:.3f} -> {b['last']:.3f} (chance {c['uniform']:.4f}, best constant {c['majority_code']:.3f})"
+    )
     for name, t in res["tokenizers"].items():
-        print(f"acoustic tokenizer {name} ({t['kind']}, {t['codebook_size']} codes): held-out usage {100 * t['usage']:.1f} %")
+        print(
+            f"acoustic tokenizer {name} ({t['kind']}, {t['codebook_size']} codes): held-out usage {100 * t['usage']:.1f} %"
+        )
 
 
 def write_report(out: Path, res: dict[str, Any]) -> Path:
@@ -180,7 +202,9 @@ def write_report(out: Path, res: dict[str, Any]) -> Path:
 
     amae = read_metrics(out / "pretrain" / "audiomae" / "metrics.jsonl")
     beats = read_metrics(out / "pretrain" / "beats" / "metrics.jsonl")
-    plot_curves(amae, ["amae_loss"], out / "curves_audiomae.png", "AudioMAE pretraining", "MSE (normalised patches)")
+    plot_curves(
+        amae, ["amae_loss"], out / "curves_audiomae.png", "AudioMAE pretraining", "MSE (normalised patches)"
+    )
     plot_curves(beats, ["beats_loss"], out / "curves_beats.png", "BEATs pretraining", "cross-entropy")
     plot_curves(beats, ["beats_acc"], out / "curves_beats_acc.png", "BEATs token accuracy", "accuracy")
     fig = spectrogram_figure(out, seed=res["seed"])
