@@ -15,11 +15,16 @@ from mdm.demo_audio import RUNS
 @pytest.mark.slow
 def test_quick_audio_demo_writes_report_and_results(tmp_path, capsys):
     out = tmp_path / "run"
-    assert mdm_main(["demo", "--modality", "audio", "--quick", "--out", str(out), "--seed", "1", "--jobs", "1"]) == 0
+    assert (
+        mdm_main(["demo", "--modality", "audio", "--quick", "--out", str(out), "--seed", "1", "--jobs", "1"])
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert set(res["finetune"]) == {name for name, _, _ in RUNS}
     assert all(0 <= r["acc"] <= 100 for r in res["finetune"].values())
-    assert res["tokenizers"]["iter1"]["kind"] == "acoustic_rp" and 0 < res["tokenizers"]["iter1"]["usage"] <= 1
+    assert (
+        res["tokenizers"]["iter1"]["kind"] == "acoustic_rp" and 0 < res["tokenizers"]["iter1"]["usage"] <= 1
+    )
     assert res["amae_loss"]["first"] > 0 and 0 <= res["beats_acc"]["last"] <= 1
     assert 0 < res["beats_chance"]["majority_code"] <= 1
     report = (out / "report.md").read_text()
