@@ -13,7 +13,7 @@ import sys
 # name → (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mdm.demo", "run the whole pipeline on the embedded demo data and write a report"),
-    "import": ("mdm.export.cli", "import a checkpoint from another toolkit (unilm/torchscale BEiT-3, AudioMAE)"),
+    "import": ("mdm.export.cli", "import a checkpoint from another toolkit (unilm/torchscale BEiT-3, AudioMAE, BEATs)"),
     "info": ("mdm.models.cli", "list model presets, or describe one (parameters per expert)"),
     "data": ("mdm.data.cli", "build WebDataset shards from captions JSON, JSONL, image folders or text files"),
     "pretrain": ("mdm.train.pretrain", "masked data modeling pretraining (MIM / MLM / MVLM / MAE), 1 process to ZeRO-3"),

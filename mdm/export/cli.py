@@ -1,8 +1,10 @@
-"""``mdm import unilm|audiomae <checkpoint.pth> <out_dir>``: torchscale/unilm BEiT-3 or AudioMAE → an mdm
-model directory.
+"""``mdm import unilm|audiomae|beats <checkpoint> <out_dir>``: a checkpoint of another toolkit → an mdm model
+directory.
 
-``mdm import beats <checkpoint.pt> <out_dir>``: a released BEATs checkpoint (microsoft/unilm ``beats/``)
-→ an mdm model directory of the ``beats`` family (:mod:`mdm.export.beats`).
+- ``unilm``: torchscale/unilm BEiT-3 (:mod:`mdm.export.unilm`);
+- ``audiomae``: AudioMAE (timm ViT names) → an ``audiomae_*`` Multiway model (:mod:`mdm.export.audiomae`);
+- ``beats``: a released BEATs checkpoint (microsoft/unilm ``beats/``) → a model directory of the ``beats``
+  family (:mod:`mdm.export.beats`).
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def main(argv: list[str]) -> int:
     from mdm.export.unilm import import_unilm
 
     try:
-        out, rest = import_unilm(args.checkpoint, args.out_dir, num_heads=args.num_heads, img_size=args.img_size)
+        out, rest = import_unilm(
+            args.checkpoint, args.out_dir, num_heads=args.num_heads, img_size=args.img_size
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"mdm import: {e}", file=sys.stderr)
         return 1
