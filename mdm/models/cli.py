@@ -13,7 +13,14 @@ def count_parameters(model) -> dict[str, int]:
     for name, p in model.named_parameters():
         n = p.numel()
         if name.startswith(
-            ("text_embed", "vision_embed", "vision_pos_embed", "text_pos_embed", "audio_embed", "audio_pos_embed")
+            (
+                "text_embed",
+                "vision_embed",
+                "vision_pos_embed",
+                "text_pos_embed",
+                "audio_embed",
+                "audio_pos_embed",
+            )
         ):
             groups["embeddings"] += n
         elif ".attn" in name:
