@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdm.config import from_dict, to_dict
+from mdm.models.layers.embeddings import audio_pos_table
 from mdm.tokenizers.quantizer import NormEMAQuantizer
 
 __all__ = [
@@ -287,7 +288,6 @@ class AcousticVQKD(AcousticTokenizer):
             raise ValueError(
                 "AcousticVQKDConfig.teacher_dim must be set (the width of the teacher's features)"
             )
-        from mdm.models.layers.embeddings import audio_pos_table
         from mdm.models.multiway import MultiwayTransformer
 
         self.cfg = cfg
@@ -309,7 +309,6 @@ class AcousticVQKD(AcousticTokenizer):
         )
         self.decoder_norm = nn.LayerNorm(cfg.decoder_dim, eps=1e-6)
         self.decode_proj = _task_layer(cfg.decoder_dim, cfg.teacher_dim)
-        self._pos = audio_pos_table
         for m in (self.decoder_embed, self.decoder):
             for sub in m.modules():
                 if isinstance(sub, nn.Linear):
@@ -345,7 +344,7 @@ class AcousticVQKD(AcousticTokenizer):
         self, z_q: torch.Tensor, grid: tuple[int, int], pad: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Code vectors (B, P, d) → predicted teacher features (B, P, teacher_dim)."""
-        x = self.decoder_embed(z_q) + self._pos(*grid, self.cfg.decoder_dim)[1:].to(z_q)  # (B, P, d')
+        x = self.decoder_embed(z_q) + audio_pos_table(*grid, self.cfg.decoder_dim)[1:].to(z_q)  # (B, P, d')
         mask = None if pad is None else (~pad)[:, None, None, :]
         for block in self.decoder:
             x = block(x, mask)
