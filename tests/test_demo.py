@@ -16,8 +16,10 @@ from mdm.demo import MARKER, TASKS, make_plan
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    return out, mdm_main(["demo", "--quick", "--out", str(out), "--seed", "3", "--jobs", "2"])
+    """One quick demo, run through ``--seeds`` (a single seed) so that the seeds path runs for real too."""
+    parent = tmp_path_factory.mktemp("demo") / "seeds"
+    code = mdm_main(["demo", "--quick", "--out", str(parent), "--seeds", "3", "--jobs", "2"])
+    return parent / "seed-3", code
 
 
 @pytest.mark.slow
@@ -93,3 +95,43 @@ def test_refuses_to_empty_a_directory_it_did_not_create(tmp_path, capsys):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
     assert "not written by mdm demo" in capsys.readouterr().err
     assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.slow
+def test_seeds_run_writes_the_summary_over_seeds(quick_run, tmp_path, capsys):
+    out, code = quick_run
+    assert code == 0 and json.loads((out / MARKER).read_text())["seed"] == 3
+    summary = (out.parent / "report.md").read_text()
+    assert "several seeds" in summary and "(seed-3/report.md)" in summary
+    # a second seed with known margins, then --collect: mean ± spread and the per-seed margins
+    results = json.loads((out / "finetune" / "results.json").read_text())
+    other = tmp_path / "seeds" / "seed-4" / "finetune"
+    other.mkdir(parents=True)
+    shifted = {t: {i: {k: v + (1.0 if i == "pretrained" else 0.0) for k, v in m.items()} for i, m in r.items()}
+               for t, r in results.items()}  # fmt: skip
+    (other / "results.json").write_text(json.dumps(shifted))
+    (tmp_path / "seeds" / "seed-3" / "finetune").mkdir(parents=True)
+    (tmp_path / "seeds" / "seed-3" / "finetune" / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert mdm_main(["demo", "--out", str(tmp_path / "seeds"), "--seeds", "3,4", "--collect"]) == 0
+    printed = capsys.readouterr().out
+    p3, s3 = results["vqav2"]["pretrained"]["vqa_acc"], results["vqav2"]["scratch"]["vqa_acc"]
+    assert f"{(p3 + p3 + 1) / 2:.2f} ± {2**-0.5:.2f}" in printed  # pretrained mean ± sample sd
+    assert f"{p3 - s3 + 0.5:.2f} ± {2**-0.5:.2f}" in printed  # margin
+    report = (tmp_path / "seeds" / "report.md").read_text()
+    assert f"| vqav2 | vqa_acc | {p3 - s3:+.2f} | {p3 - s3 + 1:+.2f} |" in report  # margins per seed
+    assert mdm_main(["demo", "--out", str(tmp_path / "seeds"), "--seeds", "3,5", "--collect"]) == 1
+    assert "seed 5 has no results" in capsys.readouterr().err
+
+
+def test_seed_lists_and_the_holds_rule():
+    from mdm.data.demo.seeds import SeedRow
+    from mdm.demo import DemoError, parse_seeds
+
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds("0-2,7") == [0, 1, 2, 7]
+    for bad in ("0,0", "a", ""):
+        with pytest.raises(DemoError):
+            parse_seeds(bad)
+    assert SeedRow("vqav2", "vqa_acc", [56.0, 57.0, 58.0], [50.0, 51.0, 50.0]).holds
+    assert not SeedRow("nlvr2", "nlvr2_acc", [64.0, 67.0, 64.0], [64.5, 50.0, 63.0]).holds  # one seed loses
+    assert not SeedRow("r", "r_mean", [60.0, 70.0], [59.0, 55.0]).holds  # mean 8 < spread 9.9

@@ -4,6 +4,8 @@ A tiny torchscale BEiT3 with random weights (LayerNorms, tokens and the two unus
 included) is written as a unilm checkpoint, converted with the real ``mdm import unilm`` command, loaded
 with ``mdm.from_pretrained`` and compared on ``encoder_out``: image only, text with padding, image+text
 with padding, a captioning mask and MIM mask tokens. Tolerance 1e-5 (fp32) at non-padding positions.
+Inputs with padding are compared on both of mdm's paths: packed real tokens (``unpad``, the default) and
+the padded computation (``unpad=False``).
 The last test swaps the vision/text experts in the key map and checks that the comparison then fails.
 """
 
@@ -133,6 +135,15 @@ def max_err(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) 
     return (d[keep] if keep is not None else d).max().item()
 
 
+@pytest.fixture(params=[True, False], ids=["unpad", "padded"])
+def unpad(request, pair):
+    """Runs a test on mdm's packed path and on its padded path."""
+    model = pair[2]
+    model.unpad = request.param
+    yield request.param
+    model.unpad = True
+
+
 def joint_keep(n_img: int, pad: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones(pad.shape[0], n_img, dtype=torch.bool), ~pad], dim=1)  # (B, N)
 
@@ -146,7 +157,7 @@ def test_image_only(pair):
 
 
 @torch.no_grad()
-def test_text_only_with_padding(pair):
+def test_text_only_with_padding(pair, unpad):
     c, ref, model = pair
     x = inputs(c)
     a = ref(textual_tokens=x["text"], text_padding_position=x["pad"])["encoder_out"]
@@ -155,7 +166,7 @@ def test_text_only_with_padding(pair):
 
 
 @torch.no_grad()
-def test_image_text_with_padding(pair):
+def test_image_text_with_padding(pair, unpad):
     c, ref, model = pair
     x = inputs(c)
     a = ref(textual_tokens=x["text"], visual_tokens=x["image"], text_padding_position=x["pad"])["encoder_out"]
@@ -164,7 +175,7 @@ def test_image_text_with_padding(pair):
 
 
 @torch.no_grad()
-def test_image_text_captioning_mask(pair):
+def test_image_text_captioning_mask(pair, unpad):
     c, ref, model = pair
     x = inputs(c)
     n_img, T = 1 + c.grid**2, x["text"].shape[1]
@@ -180,7 +191,7 @@ def test_image_text_captioning_mask(pair):
 
 
 @torch.no_grad()
-def test_mim_mask_tokens(pair):
+def test_mim_mask_tokens(pair, unpad):
     c, ref, model = pair
     x = inputs(c)
     m = x["image_mask"]

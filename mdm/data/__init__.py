@@ -9,3 +9,8 @@ stays cheap so that ``mdm data --help`` and the demo generator do not pull in to
 - :mod:`mdm.data.shards` — ``mdm data shards``: WebDataset tar writers.
 - :mod:`mdm.data.streams` — resumable, mixed, per-rank/per-worker shard readers.
 """
+
+from mdm._lazy import lazy_attributes
+
+# mdm.data.streams etc. as attributes, imported on first use
+__getattr__, __dir__ = lazy_attributes(globals())

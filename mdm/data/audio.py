@@ -193,7 +193,7 @@ def compute_fbank(
     """The normalised log-mel filterbank of one mono clip, exactly as the ``cfg.style`` reference.
 
     Args:
-        waveform: (1, N) or (N,) float samples in [-1, 1].
+        waveform: (N,), (1, N) or (C, N) float samples in [-1, 1] (channels are mixed down).
         sample_rate: its rate (resampled to ``cfg.sample_rate`` first when different).
         cfg: the front end.
         name: what to call the clip in errors.
@@ -206,7 +206,7 @@ def compute_fbank(
     """
     import torchaudio.compliance.kaldi as kaldi
 
-    w = waveform.reshape(1, -1).float()
+    w = to_mono(waveform.reshape(-1, waveform.shape[-1])).float()  # (1, N)
     w = resample(w, sample_rate, cfg.sample_rate)
     if w.shape[-1] < int(cfg.sample_rate * cfg.frame_length / 1000):
         raise AudioReadError(

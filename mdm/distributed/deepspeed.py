@@ -4,7 +4,10 @@ The DeepSpeed JSON is generated from the typed :class:`DistributedConfig` and th
 never hand-written — so batch sizes, clipping and precision cannot disagree with the rest of the run.
 The optimizer is mdm's own ``torch.optim.AdamW`` passed as a client optimizer (no compiled DeepSpeed
 ops are needed, which keeps CPU runs working). Frozen modules (the visual tokenizer) are never given
-to DeepSpeed, so ZeRO-3 does not partition them.
+to DeepSpeed, so ZeRO-3 does not partition them — and DeepSpeed may not change how they compute:
+ZeRO-3's ``memory_efficient_linear`` (on by default) swaps ``torch.nn.functional.linear`` for a
+``matmul`` + ``bias`` version in the whole process, which rounds differently from the fused ``addmm``
+and flipped near-tied VQ-KD codes between DDP and ZeRO-3 runs; mdm turns it off and keeps torch's.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mdm.distributed.strategy import DistributedConfig, Strategy, init_process_group
+from mdm.distributed.strategy import DistributedConfig, Strategy, init_process_group, use_fused_adamw
 
 log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"
+#: client-state key of a DeepSpeed checkpoint listing the 0-dim parameters saved as (1,)
+SCALARS_KEY = "mdm_scalar_parameters"
 
 
 def deepspeed_config(
@@ -47,6 +52,9 @@ def deepspeed_config(
         zero.update(
             stage3_param_persistence_threshold=10_000,
             stage3_gather_16bit_weights_on_model_save=True,
+            # True (DeepSpeed's default) replaces torch.nn.functional.linear for the whole process, and
+            # so also changes the rounding of the frozen visual tokenizer, which is no part of the engine
+            memory_efficient_linear=False,
         )
     if cfg.offload_optimizer and cfg.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not cpu}
@@ -139,9 +147,19 @@ class DeepSpeedStrategy(Strategy):
         )
         self.ds_config = ds_cfg
         self._scalars = set(promote_scalar_parameters(model))
+        if self.precision.fused_adamw:
+            use_fused_adamw(optimizer)
+        linear = torch.nn.functional.linear
         engine, ds_opt, _, _ = deepspeed.initialize(
             model=model.to(self.device), optimizer=optimizer, config=ds_cfg
         )
+        if torch.nn.functional.linear is not linear:  # memory_efficient_linear forced on (extra_deepspeed)
+            torch.nn.functional.linear = linear
+            log.warning(
+                "DeepSpeed replaced torch.nn.functional.linear process-wide (zero_optimization."
+                "memory_efficient_linear); restored it, so that modules outside the engine (the frozen "
+                "visual tokenizer) compute as under any other strategy"
+            )
         self.engine = engine
         self.model = engine
         self.optimizer = ds_opt
@@ -153,8 +171,11 @@ class DeepSpeedStrategy(Strategy):
         return self._raw
 
     def autocast(self):
-        # DeepSpeed casts the model itself for fp16/bf16; inputs are cast by the trainer.
-        return torch.autocast(self.device.type, enabled=False)
+        # DeepSpeed casts the weights to fp16/bf16 itself; autocast casts the fp32 inputs (pixels) for
+        # the matmuls and convolutions and keeps the norms and softmax in fp32.
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -173,8 +194,19 @@ class DeepSpeedStrategy(Strategy):
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
 
+    def close(self) -> None:
+        """Tears the process group down through ``deepspeed.comm``, which also drops the groups DeepSpeed
+        cached (a later engine in the same process would otherwise be handed a destroyed group)."""
+        if self.engine is None or not torch.distributed.is_initialized():
+            return super().close()
+        import deepspeed.comm
+
+        torch.distributed.barrier()
+        deepspeed.comm.destroy_process_group()
+
     def save(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, tag=DS_TAG)
+        # DeepSpeed records the shapes it holds, (1,) for promoted scalars: say which, for consolidation
+        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={SCALARS_KEY: sorted(self._scalars)})
 
     def load(self, directory: str) -> None:
         path, _ = self.engine.load_checkpoint(directory, tag=DS_TAG)
@@ -205,4 +237,20 @@ def consolidate_zero_checkpoint(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     if not os.path.isdir(os.path.join(checkpoint_dir, DS_TAG)):
         raise FileNotFoundError(f"{checkpoint_dir}: not a DeepSpeed checkpoint written by mdm (no {DS_TAG}/)")
     sd = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
-    return {k: v.float() for k, v in sd.items()}
+    sd = {k: v.float() for k, v in sd.items()}
+    for name in _scalar_parameters(checkpoint_dir):  # back to the model's own 0-dim shape
+        if name in sd and sd[name].shape == (1,):
+            sd[name] = sd[name].reshape(())
+    return sd
+
+
+def _scalar_parameters(checkpoint_dir: str) -> list[str]:
+    """Names of the 0-dim parameters that :func:`promote_scalar_parameters` held as (1,) when the
+    checkpoint was written (from its client state; empty for checkpoints written before it was recorded)."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(checkpoint_dir, DS_TAG, "*model_states.pt")))
+    if not files:
+        return []
+    state = torch.load(files[0], map_location="cpu", mmap=True, weights_only=False)
+    return list(state.get(SCALARS_KEY, []))

@@ -78,6 +78,60 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """What ``distributed.precision`` means for one device and strategy (see ``docs/performance.md``).
+
+    Attributes:
+        autocast_dtype: dtype of ``torch.autocast`` around the forward, None for plain fp32.
+        grad_scaler: dynamic loss scaling with ``torch.amp.GradScaler`` (fp16 outside DeepSpeed, which
+            scales the loss itself).
+        tf32: allow TF32 tensor cores for the fp32 matmuls and convolutions (CUDA; under bf16/fp16 only
+            the ops autocast keeps in fp32 are affected).
+        fused_adamw: use torch's fused AdamW kernel (one pass over each parameter instead of a chain of
+            ``foreach`` kernels). On CUDA and on CPU (torch >= 2.4), where it is ~6× faster than
+            ``foreach`` (67M parameters, 1 thread: 0.04 s vs 0.22 s per step); not with ZeRO-Offload,
+            which steps its own CPU partitions.
+    """
+
+    autocast_dtype: torch.dtype | None
+    grad_scaler: bool
+    tf32: bool
+    fused_adamw: bool
+
+
+def precision_plan(cfg: DistributedConfig, device: torch.device, deepspeed: bool = False) -> PrecisionPlan:
+    """The :class:`PrecisionPlan` of ``cfg`` on ``device`` (CPU: always plain fp32, no autocast)."""
+    amp = autocast_dtype(cfg.precision, device)
+    cuda = device.type == "cuda"
+    return PrecisionPlan(
+        autocast_dtype=amp,
+        grad_scaler=amp == torch.float16 and not deepspeed,
+        tf32=cuda,
+        fused_adamw=device.type in ("cuda", "cpu") and not (deepspeed and cfg.offload_optimizer),
+    )
+
+
+def use_fused_adamw(optimizer: torch.optim.Optimizer) -> bool:
+    """Switches a ``torch.optim.AdamW`` (or Adam) to the fused kernel; returns whether it did.
+
+    The flag is read at every ``step``, so it can be set after the optimizer was built (by
+    :func:`mdm.train.optim.build_optimizer`, before the model was on its device).
+    """
+    if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
+        return False
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, False
+    return True
+
+
+def apply_backend_flags(plan: PrecisionPlan) -> None:
+    """Process-wide flags of the plan (TF32); a no-op on CPU."""
+    if plan.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 class Strategy:
     """Single-process strategy; the base class of the distributed ones.
 
@@ -91,8 +145,10 @@ class Strategy:
         self.cfg = cfg
         self.rank, self.local_rank, self.world_size = env_world()
         self.device = pick_device(self.local_rank)
-        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.precision = precision_plan(cfg, self.device, deepspeed=self.name == "deepspeed")
+        apply_backend_flags(self.precision)
+        self.amp_dtype = self.precision.autocast_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.micro_batch, self.grad_accum, self.clip_grad = 1, 1, 0.0
@@ -137,6 +193,8 @@ class Strategy:
         """Moves/wraps the model; returns the module to call in the training loop."""
         self.model = model.to(self.device)
         self.optimizer = optimizer
+        if self.precision.fused_adamw:
+            use_fused_adamw(optimizer)
         return self.model
 
     @property
@@ -231,6 +289,8 @@ class DDPStrategy(Strategy):
         model = model.to(self.device)
         self._raw = model
         self.optimizer = optimizer
+        if self.precision.fused_adamw:
+            use_fused_adamw(optimizer)
         self.model = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,

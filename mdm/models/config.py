@@ -73,6 +73,10 @@ class ModelConfig:
         audio_patch_size: side of a square spectrogram patch (16 × 16 over time × frequency).
         audio_pos_trainable: learn the audio positions (initialised to 2-D sine-cosine); False keeps
             them fixed, as AudioMAE (a buffer, still saved, so an imported table is used as it is).
+        unpad: compute only on the real tokens of padded input (text with a padding mask): they are
+            packed into one (n_real, D) matrix at the embedding and scattered to the padded layout for
+            attention only (:mod:`mdm.models.layers.packing`). Outputs are the same as without it (the
+            encoder returns 0 at padded positions either way); False runs the padded computation.
     """
 
     arch: str = "vlmo_tiny"
@@ -100,6 +104,7 @@ class ModelConfig:
     audio_mel_bins: int = 128
     audio_patch_size: int = 16
     audio_pos_trainable: bool = False
+    unpad: bool = True
 
     @classmethod
     def config_defaults(cls, data: Mapping[str, Any]) -> dict[str, Any]:

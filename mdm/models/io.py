@@ -40,7 +40,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` through a temporary file and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -112,7 +114,9 @@ def read_model_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any
     return from_dict(ModelConfig, meta["model"], source=str(path), prefix="model."), meta
 
 
-def from_pretrained(model_dir: str | Path, map_location: str | torch.device = "cpu", strict: bool = True, **overrides: Any):
+def from_pretrained(
+    model_dir: str | Path, map_location: str | torch.device = "cpu", strict: bool = True, **overrides: Any
+):
     """Loads an mdm model directory written by :func:`save_pretrained`, ``mdm import`` or ``mdm export``.
 
     Args:

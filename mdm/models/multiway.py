@@ -3,9 +3,11 @@
 One encoder for images, text and image-text pairs, and — with ``"audio"`` in ``ModelConfig.modalities`` —
 audio clips and audio-text pairs (an audio expert beside the others, as ONE-PEACE, Wang et al. 2023).
 The sequence is ``[image CLS, patches..., text...]`` or ``[audio CLS, spectrogram patches..., text...]``;
-which tokens are which is the explicit routing (``n_vision`` and the parts' ``kinds``) passed down to
-every layer.
-With ``ModelConfig.shared_attention=False, vl_ffn_layers=0, subln=True`` the computation is exactly
+which tokens are which is explicit: the :class:`~mdm.models.layers.packing.Layout` built at the embedding
+(one entry per modality part, with its kind) is passed down to every layer. Padded parts (text; audio
+clips of different lengths) are computed on their real tokens only (``ModelConfig.unpad``, see
+:mod:`mdm.models.layers.packing`); the encoder returns 0 at padded positions. With
+``ModelConfig.shared_attention=False, vl_ffn_layers=0, subln=True`` the computation is exactly
 torchscale's ``BEiT3`` (checked by ``tests/test_parity_torchscale.py``).
 """
 
@@ -40,6 +42,7 @@ from mdm.models.layers.multiway import (
     route_parts,
     split_parts,
 )
+from mdm.models.layers.packing import Layout, Packing
 
 
 class MultiwayBlock(nn.Module):
@@ -73,45 +76,55 @@ class MultiwayBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor | list[torch.Tensor],
-        n_vision: int,
+        routing: int | Layout,
         mask: torch.Tensor | None,
-        kinds: tuple[str, ...] | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """(B, N, D) → (B, N, D); ``mask`` as in :class:`MultiwayAttention`.
 
-        ``x`` may also be the sequence's modality parts ``[vision (B, n_vision, D), text (B, T, D)]`` (or
-        one of them), as the encoder keeps them between layers; the result is then parts alike. ``kinds``
-        names the parts' modalities explicitly (needed for audio: ``(AUDIO,)`` or ``(AUDIO, TEXT)``);
-        without it they follow from ``n_vision``.
+        Args:
+            x: the sequence (B, N, D), or its modality parts as the encoder keeps them between layers
+                (dense (B, L_i, D) or packed (n_i, D), see :mod:`mdm.models.layers.packing`).
+            routing: ``n_vision`` for a tensor (and for dense ``[vision, text]`` parts), or the parts'
+                :class:`Layout`.
+            mask: boolean attention mask, True where attention is allowed.
+
+        Returns:
+            A tensor for a tensor, parts alike for parts.
         """
         if isinstance(x, torch.Tensor):
-            parts, split_kinds = split_parts(x, n_vision)
-            if kinds is not None and len(kinds) == len(parts):
-                split_kinds = tuple(kinds)
-            return join_parts(self.forward_parts(parts, split_kinds, mask))
-        return self.forward_parts(list(x), kinds or part_kinds(len(x), n_vision), mask)
+            parts, kinds = split_parts(x, int(routing))
+            return join_parts(self.forward_parts(parts, Layout.dense(kinds, parts), mask))
+        parts = list(x)
+        if not isinstance(routing, Layout):
+            routing = Layout.dense(part_kinds(len(parts), routing), parts)
+        return self.forward_parts(parts, routing, mask)
 
     def forward_parts(
-        self, parts: list[torch.Tensor], kinds: tuple[str, ...], mask: torch.Tensor | None
+        self, parts: list[torch.Tensor], layout: Layout, mask: torch.Tensor | None
     ) -> list[torch.Tensor]:
         """The layer on modality parts: ``x + attn(norm(x))``, then ``x + ffn(x)``, per part."""
-        h = route_parts(self.attn_norm, parts, kinds)
-        parts = self._residual(parts, self.attn.forward_parts(h, kinds, mask), self.gamma_attn)
-        return self._residual(parts, route_parts(self.ffn, parts, kinds), self.gamma_ffn)
+        h = route_parts(self.attn_norm, parts, layout.kinds)
+        parts = self._residual(parts, self.attn.forward_parts(h, layout, mask), self.gamma_attn, layout)
+        return self._residual(parts, route_parts(self.ffn, parts, layout.kinds), self.gamma_ffn, layout)
 
     def _residual(
-        self, xs: list[torch.Tensor], branch: list[torch.Tensor], gamma: torch.Tensor | None
+        self,
+        xs: list[torch.Tensor],
+        branch: list[torch.Tensor],
+        gamma: torch.Tensor | None,
+        layout: Layout,
     ) -> list[torch.Tensor]:
         """``x + drop_path(gamma * branch)`` per part, with one stochastic-depth draw per sample."""
         scale = None
         if self.training and self.drop_path_rate > 0.0:
-            scale = drop_path_scale(xs[0], self.drop_path_rate)  # (B, 1, 1), shared by the parts
+            # (B, 1, 1), shared by the parts; a packed part takes its tokens' samples' factors, (n_i, 1)
+            scale = drop_path_scale(xs[0], self.drop_path_rate, layout.batch)
         out = []
-        for x, b in zip(xs, branch):
+        for x, b, packing in zip(xs, branch, layout.packings):
             if gamma is not None:
                 b = b * gamma
             if scale is not None:
-                b = b * scale
+                b = b * (scale if packing is None else packing.per_token(scale.view(-1, 1)))
             out.append(x + b)
         return out
 
@@ -156,6 +169,7 @@ class MultiwayTransformer(nn.Module):
             Multiway(lambda: nn.LayerNorm(D, eps=cfg.norm_eps), kinds=kinds) if cfg.normalize_output else None
         )
         self.grad_checkpointing = cfg.grad_checkpointing
+        self.unpad = cfg.unpad
         self.init_weights()
 
     # ------------------------------------------------------------------ init & timm-style API
@@ -302,57 +316,92 @@ class MultiwayTransformer(nn.Module):
 
     def embed_text(self, text: torch.Tensor, text_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text tokens with positions, (B, T, D); padded positions are zeroed (as torchscale)."""
-        T = text.shape[1]
-        if T > self.cfg.max_text_positions - POS_OFFSET:
-            raise ValueError(
-                f"text length {T} exceeds the position table ({self.cfg.max_text_positions - POS_OFFSET})"
-            )
-        x = self.text_embed(text) + self.text_pos_embed.weight[POS_OFFSET : POS_OFFSET + T]
+        self._check_text_length(text.shape[1])
+        x = self.text_embed(text) + self.text_pos_embed.weight[POS_OFFSET : POS_OFFSET + text.shape[1]]
         if text_padding_mask is not None:
             x = x.masked_fill(text_padding_mask.unsqueeze(-1), 0.0)
         return x
 
+    def embed_text_packed(self, text: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """The real tokens of :meth:`embed_text` only, packed: (n_real, D) (the same values)."""
+        self._check_text_length(text.shape[1])
+        ids = text.reshape(-1).index_select(0, packing.index)  # (n_real,)
+        # Same module calls and the same autograd order as embed_text (token lookup first, then the
+        # position table read, not called): under ZeRO-3 every rank must fetch the same modules and
+        # reduce the same gradients in the same order, whether or not its batch has padding.
+        tokens = self.text_embed(ids)
+        return tokens + self.text_pos_embed.weight.index_select(0, packing.positions + POS_OFFSET)
+
+    def _check_text_length(self, T: int) -> None:
+        if T > self.cfg.max_text_positions - POS_OFFSET:
+            raise ValueError(
+                f"text length {T} exceeds the position table ({self.cfg.max_text_positions - POS_OFFSET})"
+            )
+
     # ------------------------------------------------------------------ forward
     @staticmethod
-    def _attention_mask(
-        B: int,
-        n_vision: int,
-        N: int,
-        text_padding_mask: torch.Tensor | None,
-        attn_mask: torch.Tensor | None,
-        device: torch.device,
-        first_padding: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        """Boolean (B, 1, N, N) or (B, 1, 1, N) mask, True where attention is allowed; None for none.
-
-        ``first_padding`` (B, n_vision) marks padded tokens of the first part (padded audio patches)."""
-        mask = None
-        text_pad = text_padding_mask is not None and bool(text_padding_mask.any())
-        if text_pad or first_padding is not None:
-            keeps = []
-            if n_vision > 0:
-                keeps.append(
-                    ~first_padding
-                    if first_padding is not None
-                    else torch.ones(B, n_vision, dtype=torch.bool, device=device)
-                )
-            if N > n_vision:
-                text_keep = (
-                    ~text_padding_mask
-                    if text_padding_mask is not None
-                    else torch.ones(B, N - n_vision, dtype=torch.bool, device=device)
-                )
-                keeps.append(text_keep)  # (B, T)
-            keep = torch.cat(keeps, dim=1)  # (B, N)
-            mask = keep[:, None, None, :]  # (B, 1, 1, N)
+    def _attention_mask(layout: Layout, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Boolean (B, 1, N, N) or (B, 1, 1, N) mask, True where attention is allowed; None for none."""
+        keep = layout.key_keep()  # (B, N) or None
+        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, N)
         if attn_mask is not None:
-            am = attn_mask.to(device=device, dtype=torch.bool)
+            N = layout.total
+            am = attn_mask.to(dtype=torch.bool)
             if am.shape[-2:] != (N, N):
                 raise ValueError(f"attn_mask has shape {tuple(am.shape)}, expected (N, N) with N={N}")
             am = am.unsqueeze(0) if am.ndim == 2 else am  # (B|1, N, N)
             am = am.unsqueeze(1)  # (B|1, 1, N, N)
             mask = am if mask is None else (am & mask)
         return mask
+
+    def _embed(
+        self,
+        image: torch.Tensor | None,
+        text: torch.Tensor | None,
+        text_padding_mask: torch.Tensor | None,
+        image_mask: torch.Tensor | None,
+        visible_index: torch.Tensor | None,
+        audio: torch.Tensor | None = None,
+        audio_padding_mask: torch.Tensor | None = None,
+        audio_mask: torch.Tensor | None = None,
+        audio_visible_index: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], Layout]:
+        """The embedded modality parts in sequence order and their :class:`Layout`; parts with padding
+        (text, audio clips of different lengths) are packed (n_real, D) when the model unpads, the others
+        are dense (B, L_i, D)."""
+        if text is None and text_padding_mask is not None:
+            raise ValueError("text_padding_mask given without text")
+        if image is not None and audio is not None:
+            raise ValueError("give an image or an audio clip, not both (the sequence has one non-text part)")
+        if audio is None and (
+            audio_padding_mask is not None or audio_mask is not None or audio_visible_index is not None
+        ):
+            raise ValueError("audio_padding_mask / audio_mask / audio_visible_index given without audio")
+        if image is None and text is None and audio is None:
+            raise ValueError("give an image, a text, or both (or an audio clip, with or without a text)")
+        kinds, lengths, padding, first = [], [], [], None
+        if image is not None:
+            first = self.embed_image(image, image_mask, visible_index)  # (B, n_vision, D)
+            kinds.append(VISION), lengths.append(first.shape[1]), padding.append(None)
+        elif audio is not None:
+            first, audio_pad = self.embed_audio(audio, audio_padding_mask, audio_mask, audio_visible_index)
+            kinds.append(AUDIO), lengths.append(first.shape[1]), padding.append(audio_pad)  # (B, 1 + P|K)
+        if text is not None:
+            kinds.append(TEXT), lengths.append(text.shape[1]), padding.append(text_padding_mask)
+        B = (first if first is not None else text).shape[0]
+        # tracing (ONNX export) records one path for every input: the padded one, whose shapes are static
+        unpad = self.unpad and not torch.jit.is_tracing()
+        layout = Layout.build(kinds, lengths, B, padding, unpad)
+        parts = []
+        for kind, packing in zip(layout.kinds, layout.packings):
+            if kind != TEXT:
+                # image / audio tokens, dense (B, L, D) or the real (non-padded) audio patches (n_real, D)
+                parts.append(first if packing is None else packing.pack(first))
+            elif packing is not None:
+                parts.append(self.embed_text_packed(text, packing))  # (n_real, D)
+            else:
+                parts.append(self.embed_text(text, text_padding_mask))  # (B, T, D)
+        return parts, layout
 
     def forward_features(
         self,
@@ -370,49 +419,38 @@ class MultiwayTransformer(nn.Module):
         audio_visible_index: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Encodes image, audio, text, image+text or audio+text; see :meth:`forward`. With
-        ``return_hidden`` also returns the output of every layer (before the final norm)."""
-        parts: list[torch.Tensor] = []
-        kinds: list[str] = []
-        first_padding = None
-        if image is not None and audio is not None:
-            raise ValueError("give an image or an audio clip, not both (the sequence has one non-text part)")
-        if image is not None:
-            parts.append(self.embed_image(image, image_mask, visible_index))  # (B, n_vision, D)
-            kinds.append(VISION)
-        elif audio is not None:
-            x, first_padding = self.embed_audio(audio, audio_padding_mask, audio_mask, audio_visible_index)
-            parts.append(x)  # (B, 1 + P|K, D)
-            kinds.append(AUDIO)
-        elif audio_padding_mask is not None or audio_mask is not None or audio_visible_index is not None:
-            raise ValueError("audio_padding_mask / audio_mask / audio_visible_index given without audio")
-        if text is not None:
-            parts.append(self.embed_text(text, text_padding_mask))  # (B, T, D)
-            kinds.append(TEXT)
-        elif text_padding_mask is not None:
-            raise ValueError("text_padding_mask given without text")
-        if not parts:
-            raise ValueError("give an image, a text, or both (or an audio clip, with or without a text)")
-        # The residual stream stays split by modality (see mdm.models.layers.multiway); joined at the end.
-        B, N = parts[0].shape[0], sum(p.shape[1] for p in parts)
-        n_vision = parts[0].shape[1] if kinds[0] != TEXT else 0
-        mask = self._attention_mask(
-            B, n_vision, N, text_padding_mask, attn_mask, parts[0].device, first_padding
+        ``return_hidden`` also returns the output of every layer (before the final norm; 0 at padded
+        positions too)."""
+        parts, layout = self._embed(
+            image,
+            text,
+            text_padding_mask,
+            image_mask,
+            visible_index,
+            audio,
+            audio_padding_mask,
+            audio_mask,
+            audio_visible_index,
         )
-        route = tuple(kinds)
+        # The residual stream stays split by modality, padded parts packed (mdm.models.layers.packing).
+        mask = self._attention_mask(layout, attn_mask)
         hidden: list[torch.Tensor] = []
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                parts = torch.utils.checkpoint.checkpoint(
-                    layer, parts, n_vision, mask, route, use_reentrant=False
-                )
+                parts = torch.utils.checkpoint.checkpoint(layer, parts, layout, mask, use_reentrant=False)
             else:
-                parts = layer(parts, n_vision, mask, route)
+                parts = layer(parts, layout, mask)
             if return_hidden:
-                hidden.append(join_parts(parts))
+                hidden.append(self._output(parts, layout))
         if self.norm is not None:
-            parts = route_parts(self.norm, parts, route)
-        x = join_parts(parts)  # (B, N, D)
+            parts = route_parts(self.norm, parts, layout.kinds)
+        x = self._output(parts, layout)  # (B, N, D)
         return (x, hidden) if return_hidden else x
+
+    @staticmethod
+    def _output(parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+        """The parts joined into the padded sequence (B, N, D), 0 at every padded position."""
+        return join_parts(layout.zero_padding(layout.to_padded(parts)))
 
     def forward(
         self,

@@ -1,7 +1,7 @@
 """``mdm tokenizer``: train, evaluate, apply and import visual and text tokenizers.
 
 mdm tokenizer train --config configs/tokenizer/vqkd_demo.yaml [key=value ...] [--resume]
-mdm tokenizer eval --tokenizer DIR [--images P ... | --shards P ... | --demo N]
+mdm tokenizer eval --tokenizer DIR [--images P ... | --shards P ... | --demo N] [--probe demo|DIR]
 mdm tokenizer eval --tokenizer ACOUSTIC_DIR [--audio P ... | --shards P ... | --demo N]
 mdm tokenizer encode --tokenizer DIR --shards P ... (--out DIR | --in-place)
 mdm tokenizer show --tokenizer DIR [--images P ... | --shards P ... | --demo N] --out show.png
@@ -52,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
         "--audio", nargs="+", metavar="PATH", help="acoustic tokenizers: audio files, folders or globs"
     )
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--probe",
+        metavar="demo|DIR",
+        help="also a linear probe on the bag of codes: 'demo' (single-object demo scenes labelled with "
+        "shape, colour, object) or a folder of class sub-folders",
+    )
+    p.add_argument(
+        "--probe-images", type=int, default=2000, help="demo probe images, half to fit (default 2000)"
+    )
+    p.add_argument(
+        "--probe-kmeans", action="store_true", help="also probe a pixel k-means codebook of the same size"
+    )
     p = sub.add_parser("encode", help="precompute codes into shards (<key>.tok.npy)")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--shards", nargs="+", required=True)
@@ -134,6 +146,8 @@ def _eval(args: argparse.Namespace) -> int:
     if tok.kind == "vqkd" and teacher is None:
         log.warning("%s: teacher cannot be rebuilt from the directory; no teacher cosine", args.tokenizer)
     metrics = evaluate(tok, _images(args, tok.img_size, 256), teacher, batch_size=args.batch_size)
+    if args.probe:
+        metrics.update(_probe(args, tok))
     print(json.dumps({"tokenizer_id": getattr(tok, "tokenizer_id", ""), **metrics}, indent=2))
     return 0
 
@@ -167,6 +181,22 @@ def _eval_acoustic(args: argparse.Namespace, tok) -> int:
     )
     print(json.dumps({"tokenizer_id": getattr(tok, "tokenizer_id", ""), **metrics}, indent=2))
     return 0
+
+
+def _probe(args: argparse.Namespace, tok) -> dict[str, float]:
+    from mdm.tokenizers.probe import PixelKMeans, demo_probe_sets, folder_probe_set, probe_codes
+
+    if args.probe == "demo":
+        data = demo_probe_sets(args.probe_images, tok.img_size, seed=args.seed)
+    else:
+        data = folder_probe_set(args.probe, tok.img_size)
+    metrics = probe_codes(tok.encode, tok.codebook_size, data)
+    if args.probe_kmeans:
+        patch = tok.img_size // tok.grid_size[0]
+        n_fit = len(data.images) // 2  # the probe's training half: no held-out image is seen
+        km = PixelKMeans(tok.codebook_size, patch, seed=args.seed).fit(data.images[:n_fit])
+        metrics.update({f"kmeans_{k}": v for k, v in probe_codes(km.encode, tok.codebook_size, data).items()})
+    return metrics
 
 
 def _encode(args: argparse.Namespace) -> int:

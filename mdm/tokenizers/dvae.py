@@ -242,6 +242,40 @@ class DVAE(VisualTokenizer):
             "codes": logits.argmax(dim=1).detach(),
         }
 
+    @torch.no_grad()
+    def init_codes(
+        self,
+        images: torch.Tensor,
+        scale: float = 10.0,
+        iters: int = 10,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Data-dependent initialisation of the code-logit layer (the encoder's last 1×1 convolution).
+
+        A randomly initialised encoder gives every position nearly the same logits (their spread across
+        positions is a fraction of their spread across codes), so the relaxed samples carry no
+        information, the decoder learns the mean image and the encoder then sends every position to one
+        code. As VQ-KD seeds its codebook, this runs spherical k-means (k-means++ seeds) on the encoder's
+        penultimate features of ``images`` and makes code ``k``'s logit ``scale · cos(feature, centroid_k)``
+        (times the mean feature norm), so that from the first step the argmax differs between inputs.
+
+        Args:
+            images: a training batch (B, 3, H, W) in [0, 1].
+            scale: logit gap per unit of cosine.
+            iters: k-means iterations.
+            generator: randomness of the k-means++ seeding.
+        """
+        from mdm.tokenizers.quantizer import cosine_kmeans
+
+        body = self.encoder.blocks[:-1]
+        h = F.relu(body(self.prepare(images)))  # (B, C, h, w), the input of the output convolution
+        feats = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # (B*h*w, C)
+        norm = feats.norm(dim=1).mean().clamp_min(1e-6)
+        centroids, _ = cosine_kmeans(F.normalize(feats, dim=1), self.codebook_size, iters, generator)
+        conv = self.encoder.blocks.output.conv
+        conv.w.copy_((scale / norm * centroids).view_as(conv.w))
+        conv.b.zero_()
+
     def config_dict(self) -> dict[str, Any]:
         return to_dict(self.cfg)
 

@@ -2,7 +2,9 @@
 
 - usage: fraction of the codebook assigned to at least one patch of the evaluation images;
 - perplexity: ``exp(H)`` of the code histogram (= the number of equally used codes with that entropy);
-- ``mse``: pixel MSE of dVAE reconstructions against the (resized) inputs, in [0, 1] units;
+- ``mse``: pixel MSE of dVAE reconstructions against the (resized) inputs, in [0, 1] units, and
+  ``mse_mean_image``: the MSE of reconstructing every image as the mean evaluation image — a decoder
+  that ignores the codes gets no lower, so ``mse`` well below it shows the codes carry the picture;
 - ``teacher_cosine``: mean cosine between VQ-KD's decoded features and the teacher's patch features.
 """
 
@@ -54,7 +56,8 @@ def evaluate(
     """Evaluates ``tok`` on float images (N, C, H, W) in [0, 1].
 
     Returns:
-        ``{"usage", "perplexity", "num_tokens"}`` plus ``"mse"`` (tokenizers that decode pixels) and
+        ``{"usage", "perplexity", "num_tokens"}`` plus ``"mse"``, ``"mse_mean_image"`` (tokenizers that
+        decode pixels) and
         ``"teacher_cosine"`` (VQ-KD with a teacher).
     """
     was_training = tok.training
@@ -78,6 +81,9 @@ def evaluate(
     out = {"usage": hist.usage, "perplexity": hist.perplexity, "num_tokens": float(hist.counts.sum())}
     if tok.can_decode:
         out["mse"] = sums["mse"] / n
+        # what a decoder that ignores the codes achieves: every image reconstructed as the mean image
+        resized = resize_images(as_rgb(images.to(device)), tok.img_size)
+        out["mse_mean_image"] = float((resized - resized.mean(0, keepdim=True)).pow(2).mean())
     if teacher is not None and hasattr(tok, "decode_features"):
         out["teacher_cosine"] = sums["teacher_cosine"] / n
     return out

@@ -118,7 +118,12 @@ class NormEMAQuantizer(nn.Module):
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Indices (...,) of the nearest codes of unit vectors z (..., d)."""
-        return (z @ self.codebook.t()).argmax(dim=-1)
+        return self.nearest_to(z, self.codebook)
+
+    @staticmethod
+    def nearest_to(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Indices (...,) of the rows of ``codebook`` (K, d) of largest cosine with unit vectors z (..., d)."""
+        return (z @ codebook.t()).argmax(dim=-1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Code vectors (..., d) of indices (...)."""
@@ -148,7 +153,10 @@ class NormEMAQuantizer(nn.Module):
     def _kmeans_init(self, flat: torch.Tensor, generator: torch.Generator | None) -> None:
         means, counts = cosine_kmeans(flat, self.codebook_size, self.kmeans_iters, generator)
         if self.broadcast_fn is not None:
-            self.broadcast_fn(means)
+            self.broadcast_fn(means)  # rank 0's centroids; their counts over every rank's vectors:
+            counts = torch.bincount(self.nearest_to(flat, means), minlength=self.codebook_size).to(flat.dtype)
+            if self.reduce_fn is not None:
+                self.reduce_fn(counts)
         self.codebook.copy_(means)
         self.cluster_size.copy_(counts)
         self.initted.fill_(1.0)
@@ -186,8 +194,13 @@ class NormEMAQuantizer(nn.Module):
             return 0
         sim = flat @ self.codebook[~dead].t()  # (N, live)
         weight = (2 - 2 * sim.max(dim=1).values).clamp_min(0).cpu().double()  # squared distance
-        if float(weight.sum()) <= 0:
+        usable = flat.new_tensor([float(float(weight.sum()) > 0)])
+        if self.broadcast_fn is not None:
+            self.broadcast_fn(usable)  # rank 0 decides: only its vectors are used, and all ranks must agree
+        if not bool(usable):
             return 0
+        if float(weight.sum()) <= 0:  # another rank's draw, replaced by rank 0's below
+            weight = torch.ones_like(weight)
         idx = torch.multinomial(weight, n, replacement=int((weight > 0).sum()) < n, generator=generator)
         new = flat[idx.to(flat.device)]
         if self.broadcast_fn is not None:

@@ -44,9 +44,12 @@ class TrainConfig:
         seed: base seed (each rank adds its rank).
         out_dir: run directory (metrics, checkpoints, final model).
         max_bad_steps: consecutive non-finite steps before aborting.
-        peak_tflops: per-device peak for the MFU estimate (0 = measure a fp32 matmul on CPU).
+        peak_tflops: per-device peak for the MFU estimate (0 = :func:`device_peak_tflops`).
         stop_after: stop (as if killed) after this many steps of *this* invocation; 0 = never. For tests
             and for splitting a long run into jobs.
+        compile: ``torch.compile`` every transformer block (opt-in; see :func:`compile_blocks`).
+        compile_backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` compiles the graphs
+            without generating kernels, e.g. to check a run quickly).
     """
 
     steps: int = 1000
@@ -59,6 +62,8 @@ class TrainConfig:
     max_bad_steps: int = 5
     peak_tflops: float = 0.0
     stop_after: int = 0
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 class TrainingAborted(RuntimeError):
@@ -74,6 +79,57 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """Compiles each transformer block of ``model`` in place (``nn.Module.compile``); returns how many.
+
+    Blocks, not the whole model: the packing of padded text (:mod:`mdm.models.layers.packing`) has
+    data-dependent shapes and the objectives branch on the batch, so the whole model would break into
+    many graphs and recompile per batch. A block's input is the packed parts with symbolic row counts
+    (``dynamic=True``): one graph per block kind, reused across text lengths. In-place compilation keeps
+    parameter names, so checkpoints and exports are unchanged.
+    """
+    from mdm.models.multiway import MultiwayBlock
+    from mdm.objectives.heads import VisionBlock
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, (MultiwayBlock, VisionBlock)):
+            module.compile(backend=backend, dynamic=True)
+            n += 1
+    return n
+
+
+#: Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, matched as
+#: substrings of ``torch.cuda.get_device_name()`` in this order; ``train.peak_tflops`` overrides them.
+BF16_PEAK_TFLOPS: dict[str, float] = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,  # fp16: V100 has no bf16
+}
+
+
+def device_peak_tflops(device: torch.device) -> float:
+    """The MFU denominator of ``device``: the bf16 table entry of a known GPU, a measured fp32 matmul on
+    CPU, 0 (no MFU) for an unknown GPU."""
+    if device.type == "cpu":
+        return measure_matmul_tflops()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in BF16_PEAK_TFLOPS.items():
+            if key in name:
+                return peak
+        log.warning("no bf16 peak known for %r: set train.peak_tflops for the MFU estimate", name)
+    return 0.0
 
 
 def measure_matmul_tflops(n: int = 1024, reps: int = 5) -> float:
@@ -134,12 +190,13 @@ class Trainer:
         self.ckpt = CheckpointManager(self.out / "checkpoints", train.keep_last, strategy)
         self.sink = MetricSink(self.out, logging_cfg, strategy.is_main, self.run_config)
         self.model = strategy.setup(model, optimizer)
+        if train.compile:
+            n = compile_blocks(strategy.module, train.compile_backend)
+            log.info("torch.compile (%s): %d blocks", train.compile_backend, n)
         self.step = 0
         self.bad_in_row = 0
         self.bad_total = 0
-        self.peak_tflops = train.peak_tflops or (
-            measure_matmul_tflops() if strategy.device.type == "cpu" else 0.0
-        )
+        self.peak_tflops = train.peak_tflops or device_peak_tflops(strategy.device)
 
     # ------------------------------------------------------------------ state
     def _client_state(self) -> dict[str, Any]:

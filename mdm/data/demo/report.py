@@ -119,11 +119,16 @@ def _tokenizer_section(out: Path, fig: Path, run: Callable[[list[str]], None]) -
         [("input", list(x)), ("codes", list(maps)), ("code atlas", list(paint_codes(codes, atlas)))],
         fig / "tokenizer_atlas.png",
     )
-    metrics = json.loads((tok_dir / "config.json").read_text()).get("metrics", {})
+    meta = json.loads((tok_dir / "config.json").read_text())
+    metrics = meta.get("metrics", {})
+    teacher = meta.get("teacher", {})
+    taught = (
+        "DINOv2 ViT-S/14 (ONNX)" if teacher.get("kind") == "onnx" else f"a random {teacher.get('name', '')}"
+    )
     used = int((counts > 0).sum())
     lines = [
         "## Visual tokenizer (VQ-KD)", "",
-        f"`mdm tokenizer train --config configs/tokenizer/demo_vqkd.yaml`: {tok.codebook_size} codes on a "
+        f"`mdm tokenizer train` (teacher: {taught}): {tok.codebook_size} codes on a "
         f"{tok.grid_size[0]}×{tok.grid_size[1]} grid; held-out " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()) + ".", "",
         f"![tokenizer show]({FIG}/tokenizer_show.png)", "",
         f"VQ-KD reconstructs teacher features, not pixels; the *code atlas* row repaints each patch with the mean "
@@ -161,9 +166,9 @@ def _pretraining_section(out: Path, fig: Path) -> list[str]:
     )
     itc = (
         [
-            "VLMo's image-text contrastive loss (ITC) runs beside BEiT-3's masked data modeling: on this small world, masked "
-            "modeling alone did not give retrieval a better start than random weights (see `docs/demo.md`). The retrieval "
-            "fine-tuning starts its projections from the ITC head.",
+            "VLMo's image-text contrastive loss (ITC, `mdm demo --itc`) runs beside BEiT-3's masked data modeling; the "
+            "retrieval fine-tuning starts its projections from the ITC head (`docs/demo.md` compares it with masked "
+            "modeling alone).",
             "",
         ]
         if "itc_loss" in last

@@ -21,6 +21,7 @@ from mdm.models.layers.multiway import (
     route_parts,
     split_parts,
 )
+from mdm.models.layers.packing import Layout
 
 
 class MultiwayAttention(nn.Module):
@@ -67,26 +68,40 @@ class MultiwayAttention(nn.Module):
             mask: boolean, broadcastable to (B, H, N, N); True where attention is allowed.
         """
         parts, kinds = split_parts(x, n_vision)
-        return join_parts(self.forward_parts(parts, kinds, mask))
+        return join_parts(self.forward_parts(parts, Layout.dense(kinds, parts), mask))
 
     def forward_parts(
-        self, parts: list[torch.Tensor], kinds: tuple[str, ...], mask: torch.Tensor | None = None
+        self, parts: list[torch.Tensor], layout: Layout, mask: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        """:meth:`forward` on the sequence held as modality parts (B, N_i, D); returns parts alike."""
-        B, D = parts[0].shape[0], parts[0].shape[-1]
-        lens = [p.shape[1] for p in parts]
-        N = sum(lens)
-        if len(parts) > 1 and not isinstance(self.qkv, Multiway):
+        """:meth:`forward` on the sequence held as modality parts, dense (B, L_i, D) or packed (n_i, D)
+        as ``layout`` says (see :mod:`mdm.models.layers.packing`); returns parts alike."""
+        if layout.packed:
+            qkv = self._packed_qkv(parts, layout)  # (B, N, 3D), zeros at padding
+        elif len(parts) > 1 and not isinstance(self.qkv, Multiway):
             qkv = self.qkv(torch.cat(parts, dim=1))  # shared: join the D-wide inputs, not 3D-wide outputs
         else:
-            qkv = join_parts(route_parts(self.qkv, parts, kinds))  # (B, N, 3D)
+            qkv = join_parts(route_parts(self.qkv, parts, layout.kinds))  # (B, N, 3D)
+        B, N, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         # split, not view+permute+unbind: the backward is then one concatenation instead of stack + clone
         q, k, v = (t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2) for t in qkv.split(D, dim=-1))
         # q, k, v: (B, H, N, hd) views of qkv
         drop = self.attn_drop if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)  # (B, H, N, hd)
         o = o.transpose(1, 2)  # (B, N, H, hd), a view
-        outs = [c.reshape(B, n, D) for c, n in zip(o.split(lens, dim=1), lens)]  # one copy per part
+        if layout.packed:
+            outs = layout.gather(o.reshape(B, N, D))  # padded query rows are dropped here
+        else:
+            lens = layout.lengths
+            outs = [c.reshape(B, n, D) for c, n in zip(o.split(lens, dim=1), lens)]  # one copy per part
         if self.inner_norm is not None:
-            outs = route_parts(self.inner_norm, outs, kinds)
-        return route_parts(self.out_proj, outs, kinds)
+            outs = route_parts(self.inner_norm, outs, layout.kinds)
+        return route_parts(self.out_proj, outs, layout.kinds)
+
+    def _packed_qkv(self, parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+        """qkv of the real tokens only, scattered into the padded sequence (B, N, 3D)."""
+        rows = [p.reshape(-1, p.shape[-1]) for p in parts]  # (B * L_i | n_i, D)
+        if len(rows) > 1 and not isinstance(self.qkv, Multiway):
+            qkv = self.qkv(torch.cat(rows)).split([r.shape[0] for r in rows])  # one GEMM for all parts
+        else:
+            qkv = route_parts(self.qkv, rows, layout.kinds)
+        return layout.scatter(qkv)

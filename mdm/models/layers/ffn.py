@@ -41,12 +41,19 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * drop_path_scale(x, p)
 
 
-def drop_path_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+def drop_path_scale(x: torch.Tensor, p: float, batch: int | None = None) -> torch.Tensor:
     """The per-sample factor of :func:`drop_path`, (B, 1, ..., 1): 0 with probability ``p``, else 1/(1-p).
 
     Draw it once and apply it to every modality part of a residual branch, so that a sample's vision and
     text tokens are dropped together.
+
+    Args:
+        x: a tensor of the branch: its dtype and device (and, without ``batch``, its B and rank) set
+            the factor's.
+        p: drop probability.
+        batch: B when ``x`` is a packed (n_real, D) part, whose first axis is not the batch; the factor
+            is then (B, 1, 1), the same draw as for the padded (B, L, D) part.
     """
     keep = 1.0 - p
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1) if batch is None else (batch, 1, 1)
     return x.new_empty(shape).bernoulli_(keep).div_(keep)

@@ -10,7 +10,10 @@ FFNs) is routed by the explicit ``kinds`` of the parts (:func:`route_parts`): ``
 
 Inside the encoder the residual stream of joint input is kept as two tensors, the vision and the text
 tokens (``parts``), and each expert runs on its own contiguous tensor: no slice copies before the experts,
-no concatenation after them. The tokens are joined only where they must meet, in attention.
+no concatenation after them. The tokens are joined only where they must meet, in attention. Which kind
+each part is, and whether it is held packed (its real tokens only, when it has padding), is the
+encoder's :class:`~mdm.models.layers.packing.Layout`; :func:`route_parts` works on dense and packed parts
+alike, since every expert is per-token.
 """
 
 from __future__ import annotations
