@@ -21,8 +21,12 @@ if __name__ == "__main__":
         text = torch.randint(3, 30, (2, 7), generator=g)
         backbone = trainer.strategy.module.backbone
         backbone.eval()
+        saved = {"image": image, "text": text}
         with torch.no_grad():
-            out = backbone(image=image, text=text)
+            saved["out"] = backbone(image=image, text=text)
+            if cfg.model.has_audio:  # a clip and a clip + caption through the audio expert
+                saved["audio"] = torch.randn(2, 64, cfg.model.audio_mel_bins, generator=g)
+                saved["audio_out"] = backbone(audio=saved["audio"], text=text)
         if trainer.strategy.is_main:
-            torch.save({"image": image, "text": text, "out": out}, out_file)
+            torch.save(saved, out_file)
     trainer.strategy.close()

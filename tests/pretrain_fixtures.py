@@ -104,3 +104,40 @@ def learning_overrides(world: dict[str, str], out_dir: Path, steps: int) -> list
     """Overrides for a run on precomputed colour codes (27 of 32 codes used), patch 8 at 32 px."""
     over = [o for o in pretrain_overrides(world, out_dir, steps) if not o.startswith("visual_tokenizer")]
     return over + ["data.precomputed_codes=true", "model.patch_size=8", "visual_tokenizer="]
+
+
+def add_audio(world: dict[str, str], n_clips: int = 16) -> dict[str, str]:
+    """Audio and audio-caption shards of short sound-world clips (0.5–0.95 s: padded batches) and a
+    random-projection acoustic tokenizer, beside ``world``; returns ``world`` with their paths."""
+    import soundfile
+
+    from mdm.data.demo.sounds import make_clip
+    from mdm.data.demo.sounds import render as render_clip
+    from mdm.tokenizers import save_tokenizer
+    from mdm.tokenizers.acoustic import RandomProjectionConfig, RandomProjectionTokenizer
+
+    root = Path(world["root"])
+
+    def samples(report):
+        for i in range(n_clips):
+            clip = make_clip(2, i, duration=0.5 + 0.15 * (i % 4))
+            buf = io.BytesIO()
+            soundfile.write(buf, render_clip(clip), clip.sample_rate, format="WAV", subtype="PCM_16")
+            yield {"__key__": f"a{i:04d}", "wav": buf.getvalue(), "txt": clip.caption.encode()}
+
+    for kind in ("audio", "audio_text"):
+        write_shards(samples(None), root / "shards" / kind, kind, max_count=8, report=WriteReport(kind))
+    tok = RandomProjectionTokenizer(RandomProjectionConfig(codebook_size=16, code_dim=8))
+    save_tokenizer(tok, root / "acoustic")
+    return {**world, "acoustic": str(root / "acoustic")}
+
+
+def audio_overrides(world: dict[str, str], out_dir: Path, steps: int = 6) -> list[str]:
+    """Overrides for configs/pretrain/test_tiny_audio.yaml: every stream of ``world`` (with audio)."""
+    r = world["root"]
+    return [
+        *pretrain_overrides(world, out_dir, steps),
+        f"data.audio.sources=[{{shards: [{r}/shards/audio]}}]",
+        f"data.audio_text.sources=[{{shards: [{r}/shards/audio_text]}}]",
+        f"audio_tokenizer={world['acoustic']}",
+    ]

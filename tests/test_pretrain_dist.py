@@ -10,7 +10,7 @@ from mdm.train.checkpoint import latest_checkpoint
 from mdm.train.consolidate import consolidate
 from mdm.train.metrics import read_metrics
 from tests.helpers import torchrun
-from tests.pretrain_fixtures import build_world, pretrain_overrides
+from tests.pretrain_fixtures import add_audio, audio_overrides, build_world, pretrain_overrides
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 CONFIG = "configs/pretrain/test_tiny.yaml"
@@ -95,3 +95,41 @@ def test_zero_checkpoint_consolidates_to_the_sharded_model(world, tmp_path, stag
         heads["heads.itc.vision_head.weight"].shape == (D, D) and heads["heads.itc.logit_scale"].shape == ()
     )
     assert heads["heads.mim.proj.weight"].shape[1] == D
+
+
+@pytest.fixture(scope="module")
+def audio_world(world):
+    return add_audio(world)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
+def test_all_streams_under_ddp_and_zero3(audio_world, tmp_path, strategy):
+    """Image, text, pair, audio and audio-text streams in one 2-rank run (amae, beats, audio_itc beside
+    MIM/MLM/MVLM); under ZeRO-3 the consolidated checkpoint reproduces the audio expert's output."""
+    extra = ["distributed.strategy=ddp"] if strategy == "ddp" else ["distributed.zero_stage=3"]
+    out_file = tmp_path / "outputs.pt"
+    torchrun(
+        [
+            "tests/dist_pretrain_worker.py",
+            str(out_file),
+            "configs/pretrain/test_tiny_audio.yaml",
+            *audio_overrides(audio_world, tmp_path / "run", 3),
+            "logging.every=1",
+            "train.ckpt_every=3",
+            *extra,
+        ]
+    )
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("mim_loss", "mlm_loss", "amae_loss", "beats_loss", "audio_itc_loss"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in rows), key
+    ref = torch.load(out_file)
+    model = from_pretrained(tmp_path / "run" / "model").eval()
+    with torch.no_grad():
+        assert (model(audio=ref["audio"], text=ref["text"]) - ref["audio_out"]).abs().max().item() <= 1e-5
+    if strategy == "zero3":
+        ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+        consolidated = from_pretrained(consolidate(ckpt, tmp_path / "consolidated")).eval()
+        with torch.no_grad():
+            got = consolidated(audio=ref["audio"], text=ref["text"])
+        assert (got - ref["audio_out"]).abs().max().item() <= 1e-5

@@ -8,9 +8,20 @@ import argparse
 def count_parameters(model) -> dict[str, int]:
     """Parameters by group: embeddings, attention, each FFN expert, norms, total."""
     groups = {"embeddings": 0, "attention": 0, "vision_ffn": 0, "text_ffn": 0, "vl_ffn": 0, "other": 0}
+    if getattr(model.cfg, "has_audio", False):
+        groups["audio_ffn"] = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if name.startswith(("text_embed", "vision_embed", "vision_pos_embed", "text_pos_embed")):
+        if name.startswith(
+            (
+                "text_embed",
+                "vision_embed",
+                "vision_pos_embed",
+                "text_pos_embed",
+                "audio_embed",
+                "audio_pos_embed",
+            )
+        ):
             groups["embeddings"] += n
         elif ".attn" in name:
             groups["attention"] += n
@@ -20,6 +31,8 @@ def count_parameters(model) -> dict[str, int]:
             groups["text_ffn"] += n
         elif ".ffn.vl." in name:
             groups["vl_ffn"] += n
+        elif ".ffn.audio." in name:
+            groups["audio_ffn"] += n
         else:
             groups["other"] += n
     groups["total"] = sum(groups.values())

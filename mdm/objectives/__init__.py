@@ -1,5 +1,5 @@
 """Pretraining objectives: MIM, MLM, MVLM (BEiT-3's masked data modeling), VLMo's ITC and ITM, BEiT v2's
-[CLS] head, MAE.
+[CLS] head, MAE; for audio, AudioMAE (``amae``), BEATs (``beats``) and audio-text ITC (``audio_itc``).
 
 >>> from mdm.models.config import make_config
 >>> from mdm.objectives import ObjectivesConfig, build_pretrain_model
@@ -12,7 +12,10 @@ See ``docs/objectives.md`` for the batch keys, the returned entries and the desi
 
 from __future__ import annotations
 
+from mdm.objectives.amae import AudioMAEDecoder, AudioMaskedAutoencoder
+from mdm.objectives.audio_contrastive import AudioITCHead, AudioTextContrastive
 from mdm.objectives.base import LOCAL, STREAMS, CrossRank, Objective, masked_cross_entropy
+from mdm.objectives.beats import LabelPredictor, MaskedAcousticModeling, fill_audio_tokens
 from mdm.objectives.cls_pt import ClsMaskedImageModeling
 from mdm.objectives.config import ObjectivesConfig
 from mdm.objectives.contrastive import ContrastiveSimilarities, ImageTextContrastive, ITCHead
@@ -27,6 +30,13 @@ __all__ = [
     "LOCAL",
     "OBJECTIVES",
     "STREAMS",
+    "AudioITCHead",
+    "AudioMAEDecoder",
+    "AudioMaskedAutoencoder",
+    "AudioTextContrastive",
+    "LabelPredictor",
+    "MaskedAcousticModeling",
+    "fill_audio_tokens",
     "ClsMaskedImageModeling",
     "ContrastiveSimilarities",
     "CrossRank",

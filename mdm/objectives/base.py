@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: The stream kinds a pretraining step may carry, one batch each.
-STREAMS = ("image", "text", "pair")
+#: The stream kinds a pretraining step may carry, one batch each (``audio`` / ``audio_text``: clips and
+#: audio-caption pairs, see docs/audio.md).
+STREAMS = ("image", "text", "pair", "audio", "audio_text")
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,8 @@ class Objective(nn.Module):
     stream: ClassVar[str] = ""
     #: Whether the batch must carry ``image_tokens`` (visual codes from the frozen tokenizer).
     needs_visual_tokens: ClassVar[bool] = False
+    #: Whether the batch must carry ``audio_tokens`` (acoustic codes from the frozen acoustic tokenizer).
+    needs_audio_tokens: ClassVar[bool] = False
     #: Whether ``forward`` takes ``context=`` and stores results other objectives of the same step read
     #: (``context[self.name]``), e.g. ITC's similarity matrix for ITM's hard negatives.
     provides_context: ClassVar[bool] = False

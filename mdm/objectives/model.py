@@ -21,7 +21,10 @@ from torch import nn
 
 from mdm.models import MultiwayTransformer, build_model
 from mdm.models.config import ModelConfig
+from mdm.objectives.amae import AudioMaskedAutoencoder
+from mdm.objectives.audio_contrastive import AudioITCHead, AudioTextContrastive
 from mdm.objectives.base import STREAMS, CrossRank, Objective
+from mdm.objectives.beats import MaskedAcousticModeling
 from mdm.objectives.cls_pt import ClsMaskedImageModeling
 from mdm.objectives.config import ObjectivesConfig
 from mdm.objectives.contrastive import ImageTextContrastive, ITCHead
@@ -97,6 +100,38 @@ def _build_mae(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Modu
         obj.mae_mask_ratio,
         obj.mae_norm_pix_loss,
     )
+
+
+@OBJECTIVES.register("amae")
+def _build_amae(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    return AudioMaskedAutoencoder(
+        cfg,
+        obj.amae_decoder_dim,
+        obj.amae_decoder_depth,
+        obj.amae_decoder_heads,
+        obj.amae_decoder_attention,
+        tuple(obj.amae_window),
+        obj.amae_mask_ratio,
+        obj.amae_norm_pix_loss,
+    )
+
+
+@OBJECTIVES.register("beats")
+def _build_beats(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    return MaskedAcousticModeling(
+        cfg,
+        obj.audio_codebook_size,
+        obj.beats_predictor_dim,
+        obj.beats_predictor_depth,
+        obj.beats_predictor_heads,
+        obj.beats_mask_ratio,
+    )
+
+
+@OBJECTIVES.register("audio_itc")
+def _build_audio_itc(cfg: ModelConfig, obj: ObjectivesConfig, heads: dict[str, nn.Module]) -> Objective:
+    head = heads.setdefault("audio_itc", AudioITCHead(cfg.embed_dim))
+    return AudioTextContrastive(head)  # type: ignore[arg-type]
 
 
 def _prefix_pattern(pattern: str, prefix: str, capture: bool = True) -> str:

@@ -1,4 +1,5 @@
-"""Visual (dVAE, VQ-KD) and text (SentencePiece) tokenizers behind one interface.
+"""Visual (dVAE, VQ-KD), acoustic (BEATs' random-projection and self-distilled) and text (SentencePiece)
+tokenizers behind one interface.
 
 >>> import mdm.tokenizers as T
 >>> tok = T.load("runs/vqkd_demo")          # any saved tokenizer directory
@@ -15,6 +16,7 @@ the ``mdm tokenizer`` commands. See docs/tokenizers.md.
 from __future__ import annotations
 
 from mdm.registry import Registry
+from mdm.tokenizers.acoustic import AcousticVQKD, RandomProjectionTokenizer
 from mdm.tokenizers.base import VisualTokenizer
 from mdm.tokenizers.dvae import DVAE
 from mdm.tokenizers.io import load, save_tokenizer
@@ -25,5 +27,7 @@ from mdm.tokenizers.vqkd import VQKD
 TOKENIZERS: Registry = Registry("tokenizer")
 TOKENIZERS.register("dvae")(DVAE)
 TOKENIZERS.register("vqkd")(VQKD)
+TOKENIZERS.register("acoustic_rp")(RandomProjectionTokenizer)
+TOKENIZERS.register("acoustic_vqkd")(AcousticVQKD)
 
-__all__ = ["DVAE", "TOKENIZERS", "TextTokenizer", "VQKD", "VisualTokenizer", "load", "save_tokenizer"]
+__all__ = ["AcousticVQKD", "DVAE", "RandomProjectionTokenizer", "TOKENIZERS", "TextTokenizer", "VQKD", "VisualTokenizer", "load", "save_tokenizer"]

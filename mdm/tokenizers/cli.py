@@ -2,6 +2,7 @@
 
 mdm tokenizer train --config configs/tokenizer/vqkd_demo.yaml [key=value ...] [--resume]
 mdm tokenizer eval --tokenizer DIR [--images P ... | --shards P ... | --demo N] [--probe demo|DIR]
+mdm tokenizer eval --tokenizer ACOUSTIC_DIR [--audio P ... | --shards P ... | --demo N]
 mdm tokenizer encode --tokenizer DIR --shards P ... (--out DIR | --in-place)
 mdm tokenizer show --tokenizer DIR [--images P ... | --shards P ... | --demo N] --out show.png
 mdm tokenizer import dall-e --encoder encoder.pkl [--decoder decoder.pkl] --out DIR --allow-pickle
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="codebook usage, perplexity, reconstruction MSE or teacher cosine")
     p.add_argument("--tokenizer", required=True)
     _add_image_source(p)
+    p.add_argument(
+        "--audio", nargs="+", metavar="PATH", help="acoustic tokenizers: audio files, folders or globs"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
         "--probe",
@@ -136,12 +140,45 @@ def _eval(args: argparse.Namespace) -> int:
     from mdm.tokenizers.io import load, load_teacher
 
     tok = load(args.tokenizer)
+    if getattr(tok, "modality", "") == "audio":
+        return _eval_acoustic(args, tok)
     teacher = load_teacher(args.tokenizer) if tok.kind == "vqkd" else None
     if tok.kind == "vqkd" and teacher is None:
         log.warning("%s: teacher cannot be rebuilt from the directory; no teacher cosine", args.tokenizer)
     metrics = evaluate(tok, _images(args, tok.img_size, 256), teacher, batch_size=args.batch_size)
     if args.probe:
         metrics.update(_probe(args, tok))
+    print(json.dumps({"tokenizer_id": getattr(tok, "tokenizer_id", ""), **metrics}, indent=2))
+    return 0
+
+
+def _eval_acoustic(args: argparse.Namespace, tok) -> int:
+    """Held-out codebook usage of an acoustic tokenizer, with the front end it was trained with."""
+    from mdm.config import from_dict
+    from mdm.data.audio import AudioFrontendConfig
+    from mdm.tokenizers.acoustic_train import AudioClipsConfig, AudioTeacher, evaluate_acoustic, load_clips
+    from mdm.tokenizers.io import read_meta
+
+    meta = read_meta(args.tokenizer)
+    fe = from_dict(AudioFrontendConfig, meta.get("frontend", {}), source=f"{args.tokenizer}/config.json")
+    if args.audio:
+        clips = AudioClipsConfig(source="folder", paths=args.audio, num_clips=args.limit, frontend=fe)
+    elif args.shards:
+        clips = AudioClipsConfig(source="shards", paths=args.shards, num_clips=args.limit, frontend=fe)
+    else:  # held-out sound-world clips (another world seed than training's)
+        train = meta.get("train_config", {}).get("audio", {})
+        clips = AudioClipsConfig(
+            source="demo",
+            eval_clips=min(args.demo or 128, args.limit),
+            demo_seed=int(train.get("demo_seed", 0)),
+            demo_duration=float(train.get("demo_duration", 3.0)),
+            frontend=fe,
+        )
+    teacher_dir = meta.get("audio_teacher", {}).get("model_dir", "")
+    teacher = AudioTeacher(teacher_dir) if teacher_dir and Path(teacher_dir).exists() else None
+    metrics = evaluate_acoustic(
+        tok, load_clips(clips, held_out=clips.source == "demo"), fe.pad_value, teacher, args.batch_size
+    )
     print(json.dumps({"tokenizer_id": getattr(tok, "tokenizer_id", ""), **metrics}, indent=2))
     return 0
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mdm.tokenizers.acoustic import AcousticVQKDConfig, RandomProjectionConfig
+from mdm.tokenizers.acoustic_train import AudioClipsConfig, AudioTeacherConfig
+
 __all__ = [
     "DVAEConfig",
     "DVAETrainConfig",
@@ -267,7 +270,8 @@ class TokenizerTrainConfig:
     """Schema of ``configs/tokenizer/*.yaml`` (``mdm tokenizer train --config ...``).
 
     Attributes:
-        kind: which tokenizer to train.
+        kind: which tokenizer to train (``acoustic_rp`` / ``acoustic_vqkd``: BEATs' acoustic tokenizers,
+            :mod:`mdm.tokenizers.acoustic`, trained on clips from ``audio``).
         out_dir: where the tokenizer directory is written.
         seed: seed of data order, augmentation, Gumbel noise and codebook initialisation.
         dvae: dVAE architecture (``kind: dvae``).
@@ -276,9 +280,13 @@ class TokenizerTrainConfig:
         teacher: VQ-KD teacher.
         data: training images.
         optim: optimisation.
+        acoustic_rp: random-projection acoustic tokenizer (``kind: acoustic_rp``).
+        acoustic_vqkd: self-distilled acoustic tokenizer (``kind: acoustic_vqkd``).
+        audio_teacher: its teacher, an mdm audio model directory.
+        audio: training and held-out clips of the acoustic tokenizers.
     """
 
-    kind: Literal["dvae", "vqkd"] = "vqkd"
+    kind: Literal["dvae", "vqkd", "acoustic_rp", "acoustic_vqkd"] = "vqkd"
     out_dir: str = "runs/tokenizer"
     seed: int = 0
     dvae: DVAEConfig = field(default_factory=DVAEConfig)
@@ -287,3 +295,7 @@ class TokenizerTrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    acoustic_rp: RandomProjectionConfig = field(default_factory=RandomProjectionConfig)
+    acoustic_vqkd: AcousticVQKDConfig = field(default_factory=AcousticVQKDConfig)
+    audio_teacher: AudioTeacherConfig = field(default_factory=AudioTeacherConfig)
+    audio: AudioClipsConfig = field(default_factory=AudioClipsConfig)

@@ -212,6 +212,10 @@ def train_tokenizer(
     Returns:
         The evaluation metrics on held-out images plus ``tokenizer_id`` and ``out_dir``.
     """
+    if cfg.kind.startswith("acoustic"):
+        from mdm.tokenizers.acoustic_train import train_acoustic
+
+        return train_acoustic(cfg, progress=progress)
     out_dir = Path(cfg.out_dir)
     ranks = _DataParallel()
     g = torch.Generator().manual_seed(cfg.seed + ranks.rank)  # rank 0: the single-process stream

@@ -12,6 +12,8 @@ The visual tokenizer is loaded frozen (eval, no grad), kept out of the optimizer
 it fills ``image_tokens`` for batches whose shards carry no precomputed codes. Objectives that need other
 ranks' data (ITC's negatives, ITM's hard-negative candidates) get the collectives of
 :mod:`mdm.distributed.ops` (:meth:`~mdm.objectives.PretrainModel.set_cross_rank`) under every strategy.
+The acoustic tokenizer (``audio_tokenizer``, BEATs' targets) is held like the visual one and fills
+``audio_tokens`` of audio batches.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class PretrainConfig:
         visual_tokenizer: directory of a saved visual tokenizer (``mdm tokenizer train``/``import``);
             empty when every image shard carries precomputed codes or no objective needs codes.
         text_tokenizer: directory of a saved text tokenizer (``mdm tokenizer train-text``).
+        audio_tokenizer: directory of a saved acoustic tokenizer (``kind: acoustic_rp | acoustic_vqkd``),
+            needed by the ``beats`` objective.
         init: start the backbone from this mdm model directory (e.g. VLMo's stage-wise schedule).
         optim: optimizer, schedule, layer decay, frozen parameters.
         train: steps, checkpoints, resume.
@@ -61,6 +65,7 @@ class PretrainConfig:
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     visual_tokenizer: str = ""
     text_tokenizer: str = ""
+    audio_tokenizer: str = ""
     init: str = ""
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -105,15 +110,60 @@ def _sampling_generator(model) -> torch.Generator | None:
     return itm.generator
 
 
-def _prepare_fn(visual, num_patches: int, streams: set[str], generator: torch.Generator | None = None):
+def _check_audio_tokenizer(cfg: PretrainConfig, tok: Any) -> None:
+    if getattr(tok, "modality", "") != "audio":
+        raise ConfigError(
+            f"audio_tokenizer {cfg.audio_tokenizer} is a {tok.kind} tokenizer, not an acoustic one"
+        )
+    if tok.codebook_size != cfg.objectives.audio_codebook_size:
+        raise ConfigError(
+            f"objectives.audio_codebook_size={cfg.objectives.audio_codebook_size} but the acoustic tokenizer "
+            f"{cfg.audio_tokenizer} has {tok.codebook_size} codes"
+        )
+    if (tok.patch_size, tok.mel_bins) != (cfg.model.audio_patch_size, cfg.model.audio_mel_bins):
+        raise ConfigError(
+            f"the acoustic tokenizer {cfg.audio_tokenizer} codes {tok.patch_size}-frame patches of {tok.mel_bins} "
+            f"mel bins; the model has {cfg.model.audio_patch_size} / {cfg.model.audio_mel_bins}"
+        )
+
+
+def _load_audio_tokenizer(cfg: PretrainConfig, device: torch.device):
+    import mdm.tokenizers as T
+
+    if not cfg.audio_tokenizer:
+        return None
+    tok = T.load(cfg.audio_tokenizer, map_location=device)
+    tok.eval().requires_grad_(False)
+    _check_audio_tokenizer(cfg, tok)
+    return tok
+
+
+def _prepare_fn(
+    visual,
+    num_patches: int,
+    streams: set[str],
+    generator: torch.Generator | None = None,
+    audio=None,
+    audio_streams: set[str] = frozenset(),
+):
     """Fills visual tokens of the ``streams`` batches (those whose objectives need codes) with the frozen
-    tokenizer, and re-seeds the objectives' ``generator`` from the training RNG (which checkpoints
-    save and restore, so a resumed run draws the same hard negatives)."""
+    tokenizer, acoustic tokens of the ``audio_streams`` batches with the frozen acoustic one, and
+    re-seeds the objectives' ``generator`` from the training RNG (which checkpoints save and restore, so
+    a resumed run draws the same hard negatives)."""
+    from mdm.objectives import fill_audio_tokens
 
     def prepare(batches: dict[str, Any]) -> dict[str, Any]:
         if generator is not None:
             generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         out = dict(batches)
+        for stream in audio_streams:
+            b = out.get(stream)
+            if b is not None and b.get("audio_tokens") is None:
+                if audio is None:
+                    raise ConfigError(
+                        f"the {stream} stream needs acoustic tokens and no audio_tokenizer is set"
+                    )
+                out[stream] = fill_audio_tokens(b, audio)
         for stream in streams:
             b = out.get(stream)
             if b is not None and b.get("image_tokens") is None:
@@ -141,6 +191,13 @@ def _sequences(
         if b.get("image") is not None:
             bsz = b["image"].shape[0]
             n += 1 + model_cfg.num_patches
+        if b.get("audio") is not None:  # amae / beats encode the visible patches only
+            bsz = b["audio"].shape[0]
+            P = (b["audio"].shape[1] // model_cfg.audio_patch_size) * (
+                model_cfg.audio_mel_bins // model_cfg.audio_patch_size
+            )
+            hidden = int(b["audio_mask"][0].sum()) if b.get("audio_mask") is not None else 0
+            n += 1 + (P - hidden if kind == "audio" else P)
         if b.get("text") is not None:
             bsz = b["text"].shape[0]
             n += b["text"].shape[1]
@@ -150,6 +207,8 @@ def _sequences(
             seqs += [(bsz, 1 + model_cfg.num_patches), (bsz, b["text"].shape[1])]
         if itm and kind == "pair" and b.get("image") is not None and b.get("text") is not None:
             seqs.append((3 * bsz, 1 + model_cfg.num_patches + b["text"].shape[1]))
+        if kind == "audio_text" and b.get("text") is not None:  # audio_itc: clip and caption apart
+            seqs = seqs[:-1] + [(bsz, n - b["text"].shape[1]), (bsz, b["text"].shape[1])]
     return seqs
 
 
@@ -165,7 +224,7 @@ def _samples_fn(batches: dict[str, Any]) -> int:
     total = 0
     for b in batches.values():
         if isinstance(b, dict):
-            t = b.get("image") if b.get("image") is not None else b.get("text")
+            t = next((b[k] for k in ("image", "audio", "text") if b.get(k) is not None), None)
             total += int(t.shape[0]) if t is not None else 0
     return total
 
@@ -198,6 +257,8 @@ def build_run(cfg: PretrainConfig) -> Trainer:
         seed=cfg.train.seed,
     )
     token_streams = {o.stream for o in model.objectives.values() if o.needs_visual_tokens}
+    audio_streams = {o.stream for o in model.objectives.values() if o.needs_audio_tokens}
+    audio_tok = _load_audio_tokenizer(cfg, strategy.device) if audio_streams else None
     strategy.configure(cfg.data.micro_batch_size(), cfg.train.grad_accum, cfg.optim.clip_grad)
     names = cfg.objectives.objectives
     return Trainer(
@@ -208,7 +269,9 @@ def build_run(cfg: PretrainConfig) -> Trainer:
         cfg.train,
         cfg.optim,
         cfg.logging,
-        prepare=_prepare_fn(visual, cfg.model.num_patches, token_streams, generator),
+        prepare=_prepare_fn(
+            visual, cfg.model.num_patches, token_streams, generator, audio_tok, audio_streams
+        ),
         flops_per_batch=_flops_fn(cfg.model, "itc" in names, "itm" in names),
         samples_per_batch=_samples_fn,
         tokens_per_batch=_tokens_fn(cfg.model, "itc" in names, "itm" in names),
@@ -219,9 +282,9 @@ def build_run(cfg: PretrainConfig) -> Trainer:
 def export_backbone(trainer: Trainer, cfg: PretrainConfig) -> Path | None:
     """Writes the pretrained backbone to ``<out_dir>/model`` (rank 0; gathers ZeRO-3 shards on all ranks).
 
-    The pretraining heads (``heads.mim.*``, ``heads.mlm.*``, ``heads.itc.*``, ``heads.itm.*``) go beside it
-    in ``heads.safetensors``: a retrieval fine-tuning starts from the ITC projections (and ITM head), and
-    the demo's report
+    The pretraining heads (``heads.mim.*``, ``heads.mlm.*``, ``heads.itc.*``, ``heads.itm.*``,
+    ``heads.audio_itc.*``) go beside it in ``heads.safetensors``: a retrieval fine-tuning starts from the
+    ITC projections (and ITM head), and the demo's report
     predicts masked words and patches with the MLM and MIM heads.
     """
     from mdm.models.io import save_pretrained, save_safetensors_atomic
