@@ -236,3 +236,23 @@ def test_unilm_export_leaves_the_itm_head_out_and_says_so(tmp_path, caplog):
     assert {"vision_head.weight", "language_head.weight", "logit_scale"} <= sd.keys()
     assert torch.equal(sd["logit_scale"], model.logit_scale.detach())
     assert any("not exported to unilm" in r.message and "ITM head" in r.message for r in caplog.records)
+
+
+def test_mdm_evaluate_reranks_a_saved_model(tmp_path, karpathy):
+    """``mdm evaluate --checkpoint DIR task.rerank_k=K`` on a model fine-tuned with ITM."""
+    import json
+
+    from mdm.tasks.cli_evaluate import main as evaluate_main
+    from mdm.tasks.io import save_task_model
+
+    task = build_task(
+        TaskConfig(name="retrieval", itm_weight=1.0), TaskDataConfig(root=str(karpathy), image_size=32)
+    )
+    ckpt = save_task_model(tmp_path / "m", task.build_model(tiny()), task, text_tokenizer="hash:100")
+    out = tmp_path / "metrics.json"
+    argv = ["--checkpoint", str(ckpt), "--metrics-json", str(out), "--num-workers", "0"]
+    assert evaluate_main([*argv, f"data.root={karpathy}", "task.rerank_k=3"]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"tr_r1", "r_mean", "rerank_tr_r1", "rerank_ir_r10", "rerank_r_mean"} <= metrics.keys()
+    assert evaluate_main([*argv, f"data.root={karpathy}"]) == 0
+    assert not any(k.startswith("rerank_") for k in json.loads(out.read_text()))
