@@ -333,7 +333,15 @@ class RetrievalTask(Task):
             metrics.update(self._rerank(model, images, texts, text_image, inputs))
         return metrics
 
-    def _rerank(self, model, images, texts, text_image, inputs) -> dict[str, float]:
+    def _rerank(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        text_image: torch.Tensor,
+        inputs: dict[Any, Any],
+    ) -> dict[str, float]:
+        """``rerank_*`` recall: this rank's share of the queries through the fusion encoder, merged."""
         inner = unwrap(model)
         n_img, n_txt = images.shape[0], texts.shape[0]
         matcher = FusionMatcher(

@@ -141,7 +141,7 @@ class FusionMatcher:
         self._last = time.monotonic()
 
     def __call__(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
-        image = unpack_images(torch.stack([self.pixels[i] for i, _ in pairs]))  # (n, 3, H, W)
+        image = torch.stack([unpack_images(self.pixels[i]) for i, _ in pairs])  # (n, 3, H, W)
         text = torch.stack([self.tokens[j][0] for _, j in pairs])  # (n, T)
         pad = torch.stack([self.tokens[j][1] for _, j in pairs])  # (n, T)
         keep = int((~pad).sum(1).max().item())  # drop columns that are padding in every row
