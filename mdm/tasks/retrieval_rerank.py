@@ -186,12 +186,15 @@ def rerank_recalls(
     n_img, n_txt = i2t.shape
     image_rows = list(range(rank, n_img, world))
     text_rows = list(range(rank, n_txt, world))
+    pairs = len(image_rows) * min(k, n_txt) + len(text_rows) * min(k, n_img)
     if isinstance(match, FusionMatcher):
-        match.total = len(image_rows) * min(k, n_txt) + len(text_rows) * min(k, n_img)
+        match.total = pairs
+    log.info("re-ranking the top %d of %d images and %d captions: %d fusion pairs on this rank", k, n_img,
+             n_txt, pairs)  # fmt: skip
     t = time.perf_counter()
     text_retrieval = rerank_rows(i2t, k, image_rows, match, batch_size)  # rows = images, columns = texts
-    image_retrieval = rerank_rows(
-        t2i, k, text_rows, lambda pairs: match([(i, j) for j, i in pairs]), batch_size
+    image_retrieval = rerank_rows(  # rows = texts: the matcher takes (image, text)
+        t2i, k, text_rows, lambda tc: match([(i, j) for j, i in tc]), batch_size
     )
     merged = merge(
         [(("i", r), v) for r, v in text_retrieval.items()]
