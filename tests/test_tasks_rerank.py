@@ -256,3 +256,21 @@ def test_mdm_evaluate_reranks_a_saved_model(tmp_path, karpathy):
     assert {"tr_r1", "r_mean", "rerank_tr_r1", "rerank_ir_r10", "rerank_r_mean"} <= metrics.keys()
     assert evaluate_main([*argv, f"data.root={karpathy}"]) == 0
     assert not any(k.startswith("rerank_") for k in json.loads(out.read_text()))
+
+
+def test_fusion_matcher_pads_captions_of_different_eval_batches():
+    """Evaluation batches trim captions to their own longest one: the matcher must pad them together,
+    and padding must not change a pair's ITM score."""
+    from mdm.tasks.retrieval_rerank import FusionMatcher, pack_images
+
+    model = RetrievalModel(tiny(), itm=True).eval()
+    b = _batch(2)
+    b["text"] = b["text"] % 100
+    pixels = list(pack_images(b["image"].clamp(-1, 1)))
+    short = (b["text"][0, :4], b["text_padding_mask"][0, :4])  # 4 real tokens, trimmed
+    long = (b["text"][1], b["text_padding_mask"][1])  # 6 tokens
+    matcher = FusionMatcher(model, pixels, [short, long], torch.device("cpu"))
+    with torch.no_grad():
+        both = matcher([(0, 0), (1, 1)])
+        alone = matcher([(0, 0)])
+    assert both.shape == (2,) and torch.allclose(both[0], alone[0], atol=1e-5)

@@ -142,8 +142,13 @@ class FusionMatcher:
 
     def __call__(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
         image = torch.stack([unpack_images(self.pixels[i]) for i, _ in pairs])  # (n, 3, H, W)
-        text = torch.stack([self.tokens[j][0] for _, j in pairs])  # (n, T)
-        pad = torch.stack([self.tokens[j][1] for _, j in pairs])  # (n, T)
+        # captions come from evaluation batches trimmed to different lengths: pad them to one (n, T)
+        length = max(self.tokens[j][0].shape[0] for _, j in pairs)
+        text = torch.zeros(len(pairs), length, dtype=torch.long)
+        pad = torch.ones(len(pairs), length, dtype=torch.bool)
+        for row, (_, j) in enumerate(pairs):
+            ids, mask = self.tokens[j]
+            text[row, : ids.shape[0]], pad[row, : ids.shape[0]] = ids, mask
         keep = int((~pad).sum(1).max().item())  # drop columns that are padding in every row
         logits = self.model.match_logits(
             image.to(self.device), text[:, :keep].to(self.device), pad[:, :keep].to(self.device)
