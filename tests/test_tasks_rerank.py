@@ -78,8 +78,21 @@ def test_oracle_itm_makes_reranked_recall_at_1_perfect_and_k1_changes_nothing():
     n = len(images) + len(texts)
     full = rerank_recalls(images, texts, text_image, oracle, k=n, batch_size=4, ks=KS)
     assert full["rerank_tr_r1"] == 100.0 and full["rerank_ir_r1"] == 100.0
+    assert full["rerank_itm_auc"] == 100.0  # the oracle separates every match from every other pair
     one = rerank_recalls(images, texts, text_image, oracle, k=1, batch_size=4, ks=KS)
-    assert one == {f"rerank_{k}": v for k, v in dual.items()}
+    assert {k: v for k, v in one.items() if k != "rerank_itm_auc"} == {
+        f"rerank_{k}": v for k, v in dual.items()
+    }
+
+
+def test_match_auc_counts_ties_half():
+    from mdm.tasks.retrieval_rerank import match_auc
+
+    labels = torch.tensor([True, False, True, False])
+    assert match_auc(torch.tensor([3.0, 1.0, 2.0, 0.0]), labels) == 100.0
+    assert match_auc(torch.tensor([0.0, 1.0, 0.0, 2.0]), labels) == 0.0
+    assert match_auc(torch.ones(4), labels) == 50.0  # a constant head: chance
+    assert match_auc(torch.tensor([2.0, 2.0, 1.0, 0.0]), labels) == pytest.approx(100 * (1.5 + 1.0) / 4)
 
 
 def test_reranking_reorders_the_top_k_only():
@@ -142,10 +155,11 @@ def test_evaluate_reports_reranked_recall_beside_the_dual_encoder(karpathy):
     dual = _evaluate(karpathy)
     one = _evaluate(karpathy, rerank_k=1, rerank_batch_size=3)
     assert {k: one[k] for k in dual} == dual
-    assert {k[len("rerank_") :]: v for k, v in one.items() if k.startswith("rerank_")} == dual
+    reranked = {k[len("rerank_") :]: v for k, v in one.items() if k.startswith("rerank_")}
+    assert 0 <= reranked.pop("itm_auc") <= 100 and reranked == dual
     full = _evaluate(karpathy, rerank_k=100, rerank_batch_size=7)
     assert {f"rerank_{k}" for k in dual} <= full.keys()
-    assert all(0 <= v <= 100 for v in full.values())
+    assert all(0 <= v <= 100 for v in full.values())  # AUC included: both classes are in the top k
     assert full["rerank_tr_r10"] == 100.0  # every caption re-ranked: the 10 best of 5 images' captions
 
 

@@ -209,6 +209,26 @@ def rerank_recalls(
     by_text = {r: merged[("t", r)] for r in range(n_txt)}
     log.info("re-ranked the top %d of %d images and %d captions in %.1f s", k, n_img, n_txt,
              time.perf_counter() - t)  # fmt: skip
-    return recalls_from_scores(
+    out = recalls_from_scores(
         reranked_matrix(i2t, by_image), reranked_matrix(t2i, by_text), text_image, ks, prefix="rerank_"
     )
+    scores = torch.cat([itm for _, itm in by_image.values()])  # text retrieval's top-k pairs
+    labels = torch.cat([text_image[cols] == r for r, (cols, _) in by_image.items()])
+    out["rerank_itm_auc"] = match_auc(scores, labels)
+    return out
+
+
+def match_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """ROC AUC ×100 of ITM scores separating matching pairs from the other candidates (ties count half);
+    50 = the ITM head tells nothing apart (NaN when a class is absent).
+
+    Args:
+        scores: (P,) ITM logits.
+        labels: (P,) bool, True for a matching pair.
+    """
+    pos, neg = scores[labels].float(), scores[~labels].float().sort().values
+    if not len(pos) or not len(neg):
+        return float("nan")
+    below = torch.searchsorted(neg, pos, right=False).float()
+    ties = torch.searchsorted(neg, pos, right=True).float() - below
+    return 100.0 * ((below + 0.5 * ties).sum() / (len(pos) * len(neg))).item()
