@@ -152,23 +152,34 @@ def _short_or_long(row):
     return logits
 
 
-def test_length_penalty_and_min_len():
-    run = lambda **kw: beam_search(
-        TableScorer(_short_or_long), 1, BOS, EOS, SearchConfig(beam_size=2, max_len=8, **kw)
-    )  # noqa: E731
-    # the long caption has the higher probability (0.6 vs 0.4): α = 0 picks it
-    assert run(length_penalty=0.0)[0][0] == [3, 4, 4, 4, EOS]
-    # a short caption is preferred by α < 0 only when it is likely enough: make it beat the long one
-    long_score = math.log(0.6)
-    assert run(length_penalty=0.0)[1][0] == pytest.approx(long_score, abs=1e-4)
-    assert run(length_penalty=1.0)[1][0] == pytest.approx(long_score / 5, abs=1e-4)
-    assert run(length_penalty=-3.0)[0][0] == [EOS]  # α < 0 punishes length: log(0.4)/1 > log(0.6)·5³
-    assert (
-        greedy_search(TableScorer(_short_or_long), 1, BOS, EOS, SearchConfig(max_len=8, min_len=0))[0][0][0]
-        == 3
-    )
-    flip = lambda row: (
-        _short_or_long(row) if len(row) > 1 else torch.tensor([-30, -30, 0.0, -1, -30, -30, -30, -30])
-    )  # noqa: E731
-    assert greedy_search(TableScorer(flip), 1, BOS, EOS, SearchConfig(max_len=8))[0][0] == [EOS]
-    assert greedy_search(TableScorer(flip), 1, BOS, EOS, SearchConfig(max_len=8, min_len=1))[0][0][0] == 3
+def _beam(fn, **kw):
+    return beam_search(TableScorer(fn), 1, BOS, EOS, SearchConfig(beam_size=2, max_len=8, **kw))
+
+
+def _eos_first(row):
+    """As :func:`_short_or_long`, but [eos] is the likelier first token."""
+    if len(row) > 1:
+        return _short_or_long(row)
+    return torch.tensor([-30.0, -30.0, 0.0, -1.0, -30.0, -30.0, -30.0, -30.0])
+
+
+def test_length_penalty():
+    long_score = math.log(0.6)  # [3, 4, 4, 4, eos]: the likelier caption, 5 tokens
+    ids, scores = _beam(_short_or_long, length_penalty=0.0)
+    assert ids[0] == [3, 4, 4, 4, EOS] and scores[0] == pytest.approx(long_score, abs=1e-4)
+    ids, scores = _beam(_short_or_long, length_penalty=1.0)  # normalised by length: still the long one
+    assert ids[0] == [3, 4, 4, 4, EOS] and scores[0] == pytest.approx(long_score / 5, abs=1e-4)
+    # α < 0 punishes length: log(0.4) / 1 beats log(0.6) · 5³
+    ids, scores = _beam(_short_or_long, length_penalty=-3.0)
+    assert ids[0] == [EOS] and scores[0] == pytest.approx(math.log(0.4), abs=1e-4)
+    # α > 0 favours length: [eos] first (p≈0.73) wins unnormalised, the long caption (p≈0.27) with α = 2
+    assert _beam(_eos_first, length_penalty=0.0)[0][0] == [EOS]
+    assert _beam(_eos_first, length_penalty=2.0)[0][0] == [3, 4, 4, 4, EOS]
+
+
+def test_min_len():
+    assert greedy_search(TableScorer(_eos_first), 1, BOS, EOS, SearchConfig(max_len=8))[0][0] == [EOS]
+    ids, _ = greedy_search(TableScorer(_eos_first), 1, BOS, EOS, SearchConfig(max_len=8, min_len=1))
+    assert ids[0] == [3, 4, 4, 4, EOS]
+    ids, _ = _beam(_eos_first, length_penalty=0.0, min_len=2)
+    assert ids[0] == [3, 4, 4, 4, EOS]
