@@ -159,7 +159,38 @@ class CaptioningTask(Task):
         captions = self._captions(model, loader)
         return evaluate_captions(loader.dataset.references, captions)  # type: ignore[attr-defined]
 
+    def references(self, split: str) -> dict[str, list[str]]:
+        """Image id → reference captions of ``split`` (for scoring a prediction file)."""
+        root = Path(self.data.root)
+        problems = Problems(f"captioning {split} in {root / self.data.karpathy_file}", self.data.on_error)
+        images = read_karpathy(root, self.data, self.resolve_split(split), problems)
+        return {im.name: list(im.captions) for im in images}
+
     def predict(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """COCO results format: ``[{"image_id": int (cocoid) or str, "caption": str}, ...]``."""
         captions = self._captions(model, loader)
         return [{"image_id": int(k) if k.isdigit() else k, "caption": c} for k, c in sorted(captions.items())]
+
+
+def score_captions(
+    predictions: list[dict[str, Any]], references: dict[str, list[str]], source: str = "<predictions>"
+) -> dict[str, float]:
+    """Scores COCO results ``[{"image_id", "caption"}]`` against ``references`` (image id → captions).
+
+    Every image of the split needs a caption; ids are compared as strings (cocoid ints or names).
+    """
+    from mdm.tasks.caption_eval import evaluate_captions  # written beside this task; lazy on purpose
+
+    candidates: dict[str, str] = {}
+    for i, row in enumerate(predictions):
+        if not isinstance(row, dict) or "image_id" not in row or not isinstance(row.get("caption"), str):
+            raise ValueError(f"{source}: record {i} is not {{'image_id': ..., 'caption': str}}")
+        candidates[str(row["image_id"])] = row["caption"]
+    unknown = sorted(set(candidates) - set(references))
+    missing = sorted(set(references) - set(candidates))
+    if unknown or missing:
+        raise ValueError(
+            f"{source}: {len(unknown)} image ids not in the split (e.g. {unknown[:3]}), "
+            f"{len(missing)} images of the split without a caption (e.g. {missing[:3]})"
+        )
+    return evaluate_captions(references, candidates)
