@@ -56,7 +56,9 @@ def _one_thread():
 def _trained(tmp_path: Path, arch: str = "vlmo_tiny", steps: int = 8):
     root = tmp_path / "coco"
     write_karpathy(root, {"train": 6, "restval": 2, "val": 3, "test": 3})
-    cfg = TaskConfig(name="captioning", mask_token_id=MASK_ID, beam_size=2, max_caption_len=6, label_smoothing=0.1)
+    cfg = TaskConfig(
+        name="captioning", mask_token_id=MASK_ID, beam_size=2, max_caption_len=6, label_smoothing=0.1
+    )
     task = build_task(cfg, TaskDataConfig(root=str(root), image_size=32, num_workers=0, max_text_len=12))
     torch.manual_seed(0)
     model = task.build_model(create_model(arch, depth=2, img_size=32))
@@ -86,7 +88,9 @@ def test_captioning_predict_and_evaluate(tmp_path, stand_in_metrics):
     assert sorted(r["image_id"] for r in rows) == [11, 12, 13]  # the cocoids of the Karpathy test split
 
     m1 = tmp_path / "m1.json"
-    assert evaluate_main(["--checkpoint", str(ckpt), *common, "--split", "test", "--metrics-json", str(m1)]) == 0
+    assert (
+        evaluate_main(["--checkpoint", str(ckpt), *common, "--split", "test", "--metrics-json", str(m1)]) == 0
+    )
     m2 = tmp_path / "m2.json"
     argv = ["--task", "captioning", "--predictions", str(preds), f"data.root={root}", "--split", "test"]
     assert evaluate_main([*argv, "--metrics-json", str(m2)]) == 0
@@ -112,3 +116,24 @@ def test_captioning_export_unilm_round_trip(tmp_path):
     assert unilm["mlm_head.weight"].shape == (model.backbone.cfg.vocab_size, model.backbone.cfg.embed_dim)
     back = unilm_to_task_state_dict(unilm)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_captioning_export_files(tmp_path):
+    """``mdm export`` of a fine-tuned captioning model: unilm ``.pth`` with ``mlm_head.*``; safetensors
+    directory with the head in ``heads.safetensors``."""
+    from safetensors.torch import load_file
+
+    from mdm.export.command import main as export_main
+
+    root, task, model, ckpt = _trained(tmp_path, arch="beit3_tiny", steps=1)
+    head = model.mlm_head.weight.detach()
+    assert export_main(["--checkpoint", str(ckpt), "--format", "unilm", "--out", str(tmp_path / "u")]) == 0
+    (pth,) = (tmp_path / "u").glob("*.pth")
+    assert "captioning" in pth.name
+    sd = torch.load(pth, map_location="cpu", weights_only=True)["model"]
+    assert torch.equal(sd["mlm_head.weight"], head) and "mlm_head.bias" in sd
+    assert (
+        export_main(["--checkpoint", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "s")]) == 0
+    )
+    heads = load_file(str(tmp_path / "s" / "heads.safetensors"))
+    assert torch.equal(heads["mlm_head.weight"], head)
