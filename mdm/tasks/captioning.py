@@ -172,7 +172,7 @@ class CaptioningTask(Task):
         return [{"image_id": int(k) if k.isdigit() else k, "caption": c} for k, c in sorted(captions.items())]
 
 
-def score_captions(
+def score_caption_file(
     predictions: list[dict[str, Any]], references: dict[str, list[str]], source: str = "<predictions>"
 ) -> dict[str, float]:
     """Scores COCO results ``[{"image_id", "caption"}]`` against ``references`` (image id → captions).

@@ -77,10 +77,10 @@ def score_file(args: argparse.Namespace) -> dict[str, float]:
         return score_nlvr2(preds, [r for _, r in rows], subset=args.subset, source=args.predictions)
     if name == "captioning":
         from mdm.tasks.base import build_task
-        from mdm.tasks.captioning import score_captions
+        from mdm.tasks.captioning import score_caption_file
 
         task = build_task(sections.task, sections.data)
-        return score_captions(preds, task.references(args.split or "test"), source=args.predictions)
+        return score_caption_file(preds, task.references(args.split or "test"), source=args.predictions)
     raise ValueError(
         f"scoring a prediction file is supported for vqav2, nlvr2 and captioning; evaluate a {name} model with --checkpoint"
     )
