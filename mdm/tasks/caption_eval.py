@@ -125,21 +125,29 @@ def _validate(references: Mapping[object, Sequence[str]], candidates: Mapping[ob
         raise ValueError("evaluate_captions: no candidates given")
     missing = [i for i in references if i not in candidates]
     if missing:
-        raise ValueError(f"evaluate_captions: no candidate caption for id {missing[0]!r} ({len(missing)} ids lack one)")
+        raise ValueError(
+            f"evaluate_captions: no candidate caption for id {missing[0]!r} ({len(missing)} ids lack one)"
+        )
     extra = [i for i in candidates if i not in references]
     if extra:
         raise ValueError(f"evaluate_captions: candidate id {extra[0]!r} has no references ({len(extra)} ids)")
     for i, caption in candidates.items():
         if not isinstance(caption, str):
-            raise TypeError(f"evaluate_captions: candidate for id {i!r} must be a str, got {type(caption).__name__}")
+            raise TypeError(
+                f"evaluate_captions: candidate for id {i!r} must be a str, got {type(caption).__name__}"
+            )
     for i, refs in references.items():
         if isinstance(refs, str) or not isinstance(refs, Sequence):
-            raise TypeError(f"evaluate_captions: references for id {i!r} must be a list of str, got {type(refs).__name__}")
+            raise TypeError(
+                f"evaluate_captions: references for id {i!r} must be a list of str, got {type(refs).__name__}"
+            )
         if len(refs) == 0:
             raise ValueError(f"evaluate_captions: id {i!r} has an empty reference list")
         bad = [r for r in refs if not isinstance(r, str)]
         if bad:
-            raise TypeError(f"evaluate_captions: a reference for id {i!r} is a {type(bad[0]).__name__}, not a str")
+            raise TypeError(
+                f"evaluate_captions: a reference for id {i!r} is a {type(bad[0]).__name__}, not a str"
+            )
     return list(candidates)
 
 
@@ -275,7 +283,12 @@ def meteor(references: Mapping[object, Sequence[str]], candidates: Mapping[objec
     """Corpus METEOR 1.5 from the jar: per-image statistics first, then one aggregate ``EVAL``."""
     command = ["java", "-Xmx2G", "-jar", str(jar), "-", "-", "-stdio", "-l", "en", "-norm"]
     with subprocess.Popen(
-        command, cwd=jar.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        command,
+        cwd=jar.parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     ) as process:
         assert process.stdin is not None and process.stdout is not None
         stats = []

@@ -67,7 +67,9 @@ _ABTITLE = (
     "Mrs|Mr|Ms|Miss|Drs|Dr|Profs|Prof|Sens|Sen|Reps|Rep|Attys|Atty|Lt|Col|Gen|Messrs|Govs|Gov|Adm|Rev|"
     "Maj|Sgt|Cpl|Pvt|Mt|Capt|Ste|St|Ave|Pres|Lieut|Hon|Brig|Comdr|Cmdr|Pfc|Spc|Supts|Supt|Det"
 )
-_ABBREV4 = f"(?:{_ACRO}|(?i:a\\.k\\.a|{_ABTITLE}|vs|Alex|Wm|Jos|Cie|cf|TREAS|Invt|Elec|Natl|Mfg|Mtg)|[A-Za-z])"
+_ABBREV4 = (
+    f"(?:{_ACRO}|(?i:a\\.k\\.a|{_ABTITLE}|vs|Alex|Wm|Jos|Cie|cf|TREAS|Invt|Elec|Natl|Mfg|Mtg)|[A-Za-z])"
+)
 _ACRONYM_NEXT = (
     "About|According|Additionally|After|An|A|As|At|But|Earlier|He|Her|Here|However|If|In|It|Last|Many|"
     r"More|Mr\.|Ms\.|Now|Once|One|Other|Our|She|Since|So|Some|Such|That|The|Then|There|These|They|This|"
@@ -84,14 +86,14 @@ _APOWORD = (
     f"|{_L}+[aeiouyAEIOUY]{_APOSX}[aeiouA-Z]{_L}*|{_APOS}(?i:cause)"
     r"|(?i:cont'd\.?|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)"
 )
-_URL_END = "[^ \t\n\f\r\"<>|.!?(){},-]"
-_FULLURL = f"https?://[^ \t\n\f\r\"<>|()]*{_URL_END}"
+_URL_END = '[^ \t\n\f\r"<>|.!?(){},-]'
+_FULLURL = f'https?://[^ \t\n\f\r"<>|()]*{_URL_END}'
 _LIKELYURL = (
-    "(?:(?:www\\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\\.)+[a-zA-Z]{2,4})"
+    '(?:(?:www\\.(?:[^ \t\n\f\r"<>|.!?(){},]+\\.)+[a-zA-Z]{2,4})'
     "|(?:(?:[^ \t\n\f\r\"`'<>|.!?(){},_$-]+\\.)+(?:com|net|org|edu)))"
-    f"(?:/[^ \t\n\f\r\"<>|()]*{_URL_END})?"
+    f'(?:/[^ \t\n\f\r"<>|()]*{_URL_END})?'
 )
-_EMAIL = "[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00a0]*@(?:[^ \t\n\f\r\"<>|().\u00a0]+\\.)+[a-zA-Z]{2,4}"
+_EMAIL = '[a-zA-Z0-9][^ \t\n\f\r"<>|()\u00a0]*@(?:[^ \t\n\f\r"<>|().\u00a0]+\\.)+[a-zA-Z]{2,4}'
 _QUOTES = f"{_APOS}|''|[`\u2018\u2019\u201a\u201b\u201c\u201d\u0091\u0092\u0093\u0094\u201e\u201f\u2039\u203a\u00ab\u00bb]{{1,2}}"
 _SPLIT_WORDS = re.compile(r"(?i:gonna|wanna|gotta|lemme|gimme)")
 
@@ -160,12 +162,20 @@ _RULES: list[tuple[str, str | None, _Action]] = [
     (_SREDAUX, None, _emit_as(lambda t: _latex_quotes(t, False))),
     (r"\d{1,2}[-/]\d{1,2}[-/]\d{2,4}", None, _emit),
     (_NUM, None, _emit_as(lambda t: t.replace("\u00ad", ""))),
-    ("(?:\\d{1,4}[- \u00a0])?\\d{1,4}(?:\\\\?/|\u2044)\\d{1,4}", None, _emit_as(lambda t: t.replace(" ", "\u00a0"))),
+    (
+        "(?:\\d{1,4}[- \u00a0])?\\d{1,4}(?:\\\\?/|\u2044)\\d{1,4}",
+        None,
+        _emit_as(lambda t: t.replace(" ", "\u00a0")),
+    ),
     ("[\u00bc\u00bd\u00be\u2153-\u215e]", None, _emit_as(lambda t: _FRACTIONS.get(t, t))),
     (r"-(?:RRB|LRB|RCB|LCB|RSB|LSB)-|C\.D\.s|pro-|anti-|S&P-500|S&Ls|Cap'n|c'est", None, _emit),
     (r"[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}", None, _emit),
     (r"[A-Z]*\$|#", None, _emit),
-    ("[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]", None, _emit_as(lambda t: _CURRENCY.get(t, t))),
+    (
+        "[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]",
+        None,
+        _emit_as(lambda t: _CURRENCY.get(t, t)),
+    ),
     (f"{_ACRO}\\.", f"{_SPACENL}(?:{_ACRONYM_NEXT}){_SPACENL}", _period_back),
     (_ABBREV1, _SENTEND, _period_back),
     (_ABBREV1, None, _emit),
@@ -192,7 +202,11 @@ _RULES: list[tuple[str, str | None, _Action]] = [
     ("'", "[A-Za-z][^ \t\n\r\u00a0]", _emit_as(lambda t: "`")),
     (_REDAUX, None, _emit_as(lambda t: _latex_quotes(t, False))),
     (_QUOTES, None, _emit_as(lambda t: _latex_quotes(t, False))),
-    ("[\u00a6\u00a7\u00a8\u00a9\u00ac\u00ae\u00af\u00b0-\u00ba\u00d7\u00f7\u2020-\u2023\u2032-\u2038\u2190-\u21ff\u2200-\u22ff\u2600-\u26ff]", None, _emit),
+    (
+        "[\u00a6\u00a7\u00a8\u00a9\u00ac\u00ae\u00af\u00b0-\u00ba\u00d7\u00f7\u2020-\u2023\u2032-\u2038\u2190-\u21ff\u2200-\u22ff\u2600-\u26ff]",
+        None,
+        _emit,
+    ),
     (f"\0|{_SPACE}+|[\u200b\u200e\u200f\ufeff]", None, _skip),
 ]
 _COMPILED = [(re.compile(tok), re.compile(ctx) if ctx else None, act) for tok, ctx, act in _RULES]
