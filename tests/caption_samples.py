@@ -80,6 +80,12 @@ OBJECTS = [
     "a 3.5 ft fence",
     "a sign reading 'open'",
     "a TV",
+    "an AT&T store",
+    "a T-shirt",
+    "the kids' toys",
+    "a McDonald's sign",
+    "an x-ray",
+    "a 5'10\" man",
     "a cake with 1/2 eaten",
     "the St. Louis arch",
     "a busy street",
@@ -101,6 +107,8 @@ ENDINGS = [
     " -- at night",
     " at 5 p.m. sharp",
     " (at noon)",
+    " at 5 p.m.",
+    " :)",
 ]
 ADVERBS = ["", "", "", "quickly", "outside", "together", "in the rain", "at night", "on a sunny day"]
 

@@ -70,10 +70,15 @@ _ABTITLE = (
 _ABBREV4 = (
     f"(?:{_ACRO}|(?i:a\\.k\\.a|{_ABTITLE}|vs|Alex|Wm|Jos|Cie|cf|TREAS|Invt|Elec|Natl|Mfg|Mtg)|[A-Za-z])"
 )
-_ACRONYM_NEXT = (
-    "About|According|Additionally|After|An|A|As|At|But|Earlier|He|Her|Here|However|If|In|It|Last|Many|"
-    r"More|Mr\.|Ms\.|Now|Once|One|Other|Our|She|Since|So|Some|Such|That|The|Then|There|These|They|This|"
-    "We|When|While|What|Yet|You"
+# Words after which an acronym's period also ends the sentence: the first letter must be upper-case, the
+# rest is caseless (JFlex %caseless does not reach into the rule's one-letter classes).
+_ACRONYM_NEXT = "|".join(
+    word[0] + "(?i:" + word[1:] + ")" if len(word) > 1 else word
+    for word in (
+        "About According Additionally After An A As At But Earlier He Her Here However If In It Last Many "
+        r"More Mr\. Ms\. Now Once One Other Our She Since So Some Such That The Then There These They This "
+        "We When While What Yet You"
+    ).split()
 )
 _HYPHEN = "[-_\u058a\u2010\u2011]"
 _THING_PART = f"(?:[dDoOlL]{_APOSX}{_LD})?{_LD}+"
@@ -176,9 +181,10 @@ _RULES: list[tuple[str, str | None, _Action]] = [
         None,
         _emit_as(lambda t: _CURRENCY.get(t, t)),
     ),
-    (f"{_ACRO}\\.", f"{_SPACENL}(?:{_ACRONYM_NEXT}){_SPACENL}", _period_back),
+    (f"{_ACRO}\\.", f"{_SPACENL}+(?:{_ACRONYM_NEXT})(?:{_SPACENL}|\\Z)", _period_back),
     (_ABBREV1, _SENTEND, _period_back),
     (_ABBREV1, None, _emit),
+    ("[A-Za-z]", f"\\.{_SENTEND}", _emit),  # a single letter ending a sentence keeps its period apart
     (f"{_ABBREV4}\\.", None, _emit),
     (_ABBREV4, _SPACE, _emit),
     (_ACRO, _SPACENL, _emit),
@@ -199,6 +205,10 @@ _RULES: list[tuple[str, str | None, _Action]] = [
     (_HTHING, None, _emit),
     (f"{_THING}\\.", "[,;:]", _emit),
     (_THING, None, _emit),
+    ("[A-Z]+(?:[+&][A-Z]+)+", r"\.[,;:]", lambda text: (text + ".", len(text) + 1)),
+    ("[A-Z]+(?:[+&][A-Z]+)+", None, _emit),
+    ("[:;=]-?[()DPdp]", "[^A-Za-z]", _emit_as(lambda t: t.replace("(", "-LRB-").replace(")", "-RRB-"))),
+    (r"-_-|\^_\^", None, _emit),
     ("'", "[A-Za-z][^ \t\n\r\u00a0]", _emit_as(lambda t: "`")),
     (_REDAUX, None, _emit_as(lambda t: _latex_quotes(t, False))),
     (_QUOTES, None, _emit_as(lambda t: _latex_quotes(t, False))),
