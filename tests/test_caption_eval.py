@@ -144,8 +144,30 @@ def _reference_tokens(refs, cands):
     return gts, res
 
 
+def _java_ptb_tokens(captions, tmp_path):
+    """The raw output of the reference's jar (before its punctuation removal), one token list per caption."""
+    import subprocess
+    from pathlib import Path
+
+    import pycocoevalcap.tokenizer.ptbtokenizer as reference
+
+    jar = Path(reference.__file__).parent / "stanford-corenlp-3.4.1.jar"
+    text = tmp_path / "captions.txt"
+    text.write_text("\n".join(c.replace("\n", " ") for c in captions), encoding="utf-8")
+    command = [
+        "java",
+        "-cp",
+        str(jar),
+        "edu.stanford.nlp.process.PTBTokenizer",
+        "-preserveLines",
+        "-lowerCase",
+    ]
+    out = subprocess.run([*command, str(text)], capture_output=True, check=True).stdout.decode()
+    return [line.split() for line in out.split("\n")][: len(captions)]
+
+
 @needs_reference
-def test_parity_with_pycocoevalcap():
+def test_parity_with_pycocoevalcap(tmp_path):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -156,6 +178,8 @@ def test_parity_with_pycocoevalcap():
     gts, res = _reference_tokens(refs, cands)
     assert ours.references == gts  # our pure-Python PTB pipeline, token for token
     assert {k: [v] for k, v in ours.candidates.items()} == res
+    flat = [c for k in cands for c in refs[k]]
+    assert ptb_tokenize(flat) == _java_ptb_tokens(flat, tmp_path)  # also before punctuation removal
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     theirs = {f"Bleu_{n + 1}": bleu[n] for n in range(4)}
     theirs["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
