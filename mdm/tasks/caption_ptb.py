@@ -7,11 +7,11 @@ newlines, then drops the tokens in its punctuation list (:data:`PUNCTUATIONS`). 
 that pipeline without Java:
 
 * a longest-match lexer (ties go to the earlier rule, and trailing context counts towards the match
-  length, as in JFlex) over the rule subset of CoreLNP's ``PTBLexer.flex`` that English captions use:
+  length, as in JFlex) over the rule subset of CoreNLP's ``PTBLexer.flex`` that English captions use:
   words and clitics (``'s 're 've 'll 'd 'm n't``, ``cannot``, ``gonna``), hyphenated and alphanumeric
-  words, numbers, fractions, dates, abbreviations and acronyms (with the sentence-final period doubled
-  before an upper-case word), URLs and e-mail addresses, quotes (LaTeX style), brackets, dashes,
-  ellipses and the remaining symbols;
+  words, ``AT&T``-style words, numbers, fractions, dates, abbreviations and acronyms (the sentence-final
+  period doubled before an upper-case word or one of the lexer's sentence-opening words), URLs and
+  e-mail addresses, emoticons, quotes (LaTeX style), brackets, dashes, ellipses and the other symbols;
 * 3.4.1's defaults as measured on its jar: no British→American rewriting, no ``\\/`` escaping, ``[`` →
   ``-LSB-``, ``{`` → ``-LCB-``, ``<`` kept, composed fractions spelled (``½`` → ``1/2``), currency
   symbols mapped (``£`` → ``#``), characters outside the Basic Multilingual Plane deleted;
@@ -21,9 +21,10 @@ that pipeline without Java:
 Captions are lexed as one newline-joined stream, like the reference, because an abbreviation at the end
 of one caption is split when the next caption starts with a capital letter (``"Inc."`` → ``inc. .``).
 
-Scope: the lexer is checked token-for-token against the Java tokenizer on the caption set of
-``tests/test_caption_eval.py``; rare constructs outside those rules (HTML entities, phone numbers,
-most of the apostrophe words of the flex file) may tokenise differently.
+Scope: the lexer is checked token for token against the jar on the caption set of
+``tests/test_caption_eval.py`` (and on ~11k captions of its generator); constructs outside these rules
+(dotted words such as ``ab.cd.``, HTML entities, phone numbers, the rarer apostrophe words of the flex
+file) may tokenise differently.
 """
 
 from __future__ import annotations
