@@ -97,6 +97,10 @@ class CachedScorer:
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, image: torch.Tensor, mask_id: int) -> None:
+        if backbone.training:
+            raise ValueError(
+                "CachedScorer runs the layers in eval mode (no dropout, no drop path): call .eval()"
+            )
         self.backbone, self.head, self.mask_id = backbone, head, mask_id
         x = backbone.embed_image(image)  # (B, n_image, D)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
