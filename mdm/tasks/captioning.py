@@ -157,7 +157,8 @@ class CaptioningTask(Task):
         from mdm.tasks.caption_eval import evaluate_captions  # written beside this task; lazy on purpose
 
         captions = self._captions(model, loader)
-        return evaluate_captions(loader.dataset.references, captions)  # type: ignore[attr-defined]
+        refs = loader.dataset.references  # type: ignore[attr-defined]
+        return evaluate_captions(refs, captions, java=None if self.cfg.meteor else False)
 
     def references(self, split: str) -> dict[str, list[str]]:
         """Image id → reference captions of ``split`` (for scoring a prediction file)."""
@@ -173,11 +174,15 @@ class CaptioningTask(Task):
 
 
 def score_caption_file(
-    predictions: list[dict[str, Any]], references: dict[str, list[str]], source: str = "<predictions>"
+    predictions: list[dict[str, Any]],
+    references: dict[str, list[str]],
+    source: str = "<predictions>",
+    meteor: bool = True,
 ) -> dict[str, float]:
     """Scores COCO results ``[{"image_id", "caption"}]`` against ``references`` (image id → captions).
 
     Every image of the split needs a caption; ids are compared as strings (cocoid ints or names).
+    ``meteor=False`` skips METEOR (and its Java start-up).
     """
     from mdm.tasks.caption_eval import evaluate_captions  # written beside this task; lazy on purpose
 
@@ -193,4 +198,4 @@ def score_caption_file(
             f"{source}: {len(unknown)} image ids not in the split (e.g. {unknown[:3]}), "
             f"{len(missing)} images of the split without a caption (e.g. {missing[:3]})"
         )
-    return evaluate_captions(references, candidates)
+    return evaluate_captions(references, candidates, java=None if meteor else False)

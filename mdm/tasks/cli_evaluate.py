@@ -80,7 +80,8 @@ def score_file(args: argparse.Namespace) -> dict[str, float]:
         from mdm.tasks.captioning import score_caption_file
 
         task = build_task(sections.task, sections.data)
-        return score_caption_file(preds, task.references(args.split or "test"), source=args.predictions)
+        refs = task.references(args.split or "test")
+        return score_caption_file(preds, refs, source=args.predictions, meteor=sections.task.meteor)
     raise ValueError(
         f"scoring a prediction file is supported for vqav2, nlvr2 and captioning; evaluate a {name} model with --checkpoint"
     )

@@ -138,6 +138,8 @@ class TaskConfig:
         min_caption_len: captioning: generated tokens before [eos] may be emitted.
         length_penalty: captioning: beam scores are ``sum log p / length ** length_penalty`` (unilm: 0.6).
         no_repeat_ngram_size: captioning: forbid repeating n-grams of this size (0 = off).
+        meteor: captioning: also compute METEOR when Java and its jar are found (each evaluation then
+            pays ~10 s of JVM start-up; :mod:`mdm.tasks.caption_eval`).
     """
 
     name: TaskName = "vqav2"
@@ -154,6 +156,7 @@ class TaskConfig:
     min_caption_len: int = 0
     length_penalty: float = 0.6
     no_repeat_ngram_size: int = 0
+    meteor: bool = True
 
 
 @dataclass

@@ -88,7 +88,9 @@ def rerank_rows(
     return {r: (top[r], flat[j * k : (j + 1) * k]) for j, r in enumerate(rows)}
 
 
-def reranked_matrix(dual: torch.Tensor, reranked: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def reranked_matrix(
+    dual: torch.Tensor, reranked: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """VLMo's re-ranked scores: ``dual + itm`` inside each row's top k, ``dual - 100`` outside."""
     out = dual + OUTSIDE
     for r, (cols, itm) in reranked.items():
