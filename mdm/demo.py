@@ -68,8 +68,12 @@ def pick_teacher(choice: str) -> str:
     return "dinov2"
 
 
-TASKS = ("vqav2", "nlvr2", "retrieval")
+TASKS = ("vqav2", "nlvr2", "retrieval", "captioning")
 INITS = ("pretrained", "scratch")
+#: tasks whose data is another task's folder: captioning reads the retrieval stage's Karpathy file
+DATA_DIRS = {"captioning": "retrieval"}
+#: decoding of the captioning comparison after fine-tuning (fine-tuning itself evaluates greedily)
+CAPTION_BEAM = ["task.beam_size=3", "task.length_penalty=0.6", "task.no_repeat_ngram_size=3"]
 
 
 class DemoError(RuntimeError):
@@ -237,7 +241,7 @@ def finetune_argv(out: Path, plan: Plan, seed: int, cfg: Path, task: str, init: 
     run_dir = out / "finetune" / f"{task}-{init}"
     source = f"{out}/pretrain/model" if init == "pretrained" else "scratch"
     return ["finetune", "--config", f"{cfg}/finetune/demo_{task}.yaml", "--metrics-json", f"{run_dir}/metrics.json",
-            f"data.root={out}/data/{task}", f"init={source}", f"text_tokenizer={out}/tokenizers/text",
+            f"data.root={out}/data/{DATA_DIRS.get(task, task)}", f"init={source}", f"text_tokenizer={out}/tokenizers/text",
             f"train.out_dir={run_dir}", f"train.seed={seed}", *plan.finetune]  # fmt: skip
 
 
@@ -323,8 +327,23 @@ def collect_results(out: Path) -> dict[str, dict[str, dict[str, float]]]:
         }
         for task in TASKS
     }
+    for init in INITS:  # beam-search metrics of the captioning models, beside the greedy ones
+        beam = json.loads((out / "finetune" / f"captioning-{init}" / "beam_metrics.json").read_text())
+        results["captioning"][init].update({f"{k}_beam": v for k, v in beam.items()})
     (out / "finetune" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def stage_caption_beam(out: Path) -> None:
+    """Beam-search captions of the Karpathy val images from both captioning models, scored like the greedy
+    ones (COCO results in ``finetune/captioning-<init>/captions_beam.json``)."""
+    for init in INITS:
+        run_dir = out / "finetune" / f"captioning-{init}"
+        data = [f"data.root={out}/data/retrieval", "task.meteor=false"]
+        run_command(["predict", "--checkpoint", f"{run_dir}/model", "--split", "val", "--output",
+                     f"{run_dir}/captions_beam.json", *data, *CAPTION_BEAM])  # fmt: skip
+        run_command(["evaluate", "--task", "captioning", "--predictions", f"{run_dir}/captions_beam.json",
+                     "--split", "val", "--metrics-json", f"{run_dir}/beam_metrics.json", *data])  # fmt: skip
 
 
 def stage_export(out: Path) -> list[str]:
@@ -468,7 +487,7 @@ def run_one(args: argparse.Namespace, out: Path, seed: int) -> int:
     try:
         cfg = configs_dir()
         prepare_out(out, args, seed)
-        st = Stages(total=8)
+        st = Stages(total=9)
         st.run("demo data", lambda: stage_data(out, plan, seed))
         st.run("shards", lambda: stage_shards(out))
         st.run("text tokenizer", lambda: stage_text_tokenizer(out, plan))
@@ -491,6 +510,7 @@ def run_one(args: argparse.Namespace, out: Path, seed: int) -> int:
 
             st.run("fine-tuning", finetune_both)
             st.times[f"fine-tuning in the background {BACKGROUND}"] = background.busy_seconds
+        st.run("caption decoding", lambda: stage_caption_beam(out))
         results = collect_results(out)
         exported = st.run("export", lambda: stage_export(out))
         report = st.run(

@@ -84,6 +84,17 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
+def _tile(img: Any, cell: int) -> Any:
+    """A float (3, H, W) tensor in [0, 1] or a PIL image as an RGB PIL image of ``cell`` pixels (no smoothing)."""
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(img, Image.Image):
+        arr = (img.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+        img = Image.fromarray(np.ascontiguousarray(arr))
+    return img.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+
+
 def image_rows(
     rows: Sequence[tuple[str, Sequence[Any]]],
     path: str | Path,
@@ -103,14 +114,7 @@ def image_rows(
         label_width: width of the row-label column.
         captions: optional text under each column (one per column).
     """
-    import numpy as np
     from PIL import Image, ImageDraw
-
-    def tile(img: Any) -> Image.Image:
-        if not isinstance(img, Image.Image):
-            arr = (img.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
-            img = Image.fromarray(np.ascontiguousarray(arr))
-        return img.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
 
     cols = max(len(images) for _, images in rows)
     cap_h = 14 if captions else 0
@@ -122,9 +126,48 @@ def image_rows(
         y = pad + r * (cell + pad)
         draw.text((pad, y + cell // 2 - 6), label, fill=(0, 0, 0))
         for c, img in enumerate(images):
-            canvas.paste(tile(img), (label_width + pad + c * (cell + pad), y))
+            canvas.paste(_tile(img, cell), (label_width + pad + c * (cell + pad), y))
     for c, text in enumerate(captions or []):
         draw.text((label_width + pad + c * (cell + pad), height - cap_h), text[: cell // 6], fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def captioned_images(
+    images: Sequence[Any],
+    texts: Sequence[Sequence[str]],
+    path: str | Path,
+    cell: int = 96,
+    text_width: int = 420,
+    pad: int = 6,
+) -> Path:
+    """Saves one image per row with its lines of text to the right (e.g. the reference caption and
+    generated ones), wrapped to ``text_width`` pixels; images as in :func:`image_rows`.
+
+    Args:
+        images: float (3, H, W) tensors in [0, 1] or PIL images.
+        texts: per image, the lines to write beside it.
+        path: output PNG.
+        cell: side of one image.
+        text_width: width of the text column.
+        pad: margin around and between rows.
+    """
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    line_h, chars = 12, max(20, text_width // 6)
+    wrapped = [[w for line in lines for w in textwrap.wrap(line, chars) or [""]] for lines in texts]
+    heights = [max(cell, len(lines) * line_h) for lines in wrapped]
+    canvas = Image.new("RGB", (cell + text_width + 3 * pad, sum(heights) + pad * (len(heights) + 1)), "white")
+    draw, y = ImageDraw.Draw(canvas), pad
+    for img, lines, h in zip(images, wrapped, heights):
+        canvas.paste(_tile(img, cell), (pad, y))
+        for i, line in enumerate(lines):
+            draw.text((cell + 2 * pad, y + i * line_h), line, fill=(0, 0, 0))
+        y += h + pad
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

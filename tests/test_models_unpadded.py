@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mdm.models import create_model
+from mdm.models.layers.attention import seq2seq_mask
 from mdm.models.layers.packing import Layout, Packing
 
 TOL = 1e-5
@@ -190,9 +191,11 @@ def test_captioning_mask(arch, pattern):
     x = inputs("joint", pattern)
     n_img = 1 + (IMG // 16) ** 2
     N = n_img + T
-    allowed = torch.ones(N, N, dtype=torch.bool)
-    allowed[:n_img, n_img:] = False
-    allowed[n_img:, n_img:] = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = seq2seq_mask(n_img, T)
+    # the library mask is the hand-written one: image ↛ text, text → image, text causal incl. itself
+    assert allowed.shape == (N, N) and allowed[:n_img, :n_img].all() and not allowed[:n_img, n_img:].any()
+    assert allowed[n_img:, :n_img].all()
+    assert torch.equal(allowed[n_img:, n_img:], torch.ones(T, T, dtype=torch.bool).tril())
     packed = run(model, True, x, attn_mask=allowed)
     assert_same(packed, run(model, False, x, attn_mask=allowed))
     assert not torch.allclose(packed[0], run(model, True, x)[0], atol=1e-3)  # the mask mattered

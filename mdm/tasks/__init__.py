@@ -1,11 +1,19 @@
-"""Fine-tuning recipes: VQAv2, NLVR2, COCO/Flickr30k retrieval, image and audio classification.
+"""Fine-tuning recipes: VQAv2, NLVR2, COCO/Flickr30k retrieval, COCO captioning, image and audio
+classification.
 
 Each recipe reads its dataset exactly as published, builds BEiT-3's head on a Multiway Transformer and
 reports the official metrics; see :mod:`mdm.tasks.base` for the contract with the training engine and
 ``docs/finetune.md`` for the user guide.
 """
 
-from mdm.tasks import audio_classification, classification, nlvr2, retrieval, vqav2  # noqa: F401  (register the tasks)
+from mdm.tasks import (  # noqa: F401  (register the tasks)
+    audio_classification,
+    captioning,
+    classification,
+    nlvr2,
+    retrieval,
+    vqav2,
+)
 from mdm.tasks.base import TASKS, Task, TaskModel, build_task
 from mdm.tasks.common import Problems, RecordError, TextTokenizer
 from mdm.tasks.config import TaskConfig, TaskDataConfig

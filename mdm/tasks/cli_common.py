@@ -41,7 +41,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     """Arguments of both commands."""
     p.add_argument("--checkpoint", help="fine-tuned model directory (written by `mdm finetune`)")
     p.add_argument("--config", help="a configs/finetune YAML; its task: and data: sections are used")
-    p.add_argument("--task", help="vqav2 | nlvr2 | retrieval | classification | audio_classification")
+    p.add_argument(
+        "--task", help="vqav2 | nlvr2 | retrieval | captioning | classification | audio_classification"
+    )
     p.add_argument("--split", help="train/val/test or a published split name (val2014, dev, test1, ...)")
     p.add_argument(
         "--tokenizer",

@@ -5,9 +5,11 @@ Examples::
     mdm evaluate --checkpoint runs/finetune/vqav2_base/final data.root=/data/vqav2 --metrics-json m.json
     mdm evaluate --task vqav2 --predictions submit.json data.root=/data/vqav2 --split val2014
     mdm evaluate --task nlvr2 --predictions dev_predictions.json data.root=/data/nlvr2 --split dev
+    mdm evaluate --task captioning --predictions captions.json data.root=/data/coco --split test
 
 Metric names: ``vqa_acc`` (official VQA accuracy; ``vqa_score`` is ViLT's training-time score),
-``nlvr2_acc``, ``tr_r1 tr_r5 tr_r10 ir_r1 ir_r5 ir_r10 r_mean``, ``top1 top5``. They are printed one per
+``nlvr2_acc``, ``tr_r1 tr_r5 tr_r10 ir_r1 ir_r5 ir_r10 r_mean``, ``top1 top5``, captioning's
+``Bleu_1..Bleu_4 METEOR ROUGE_L CIDEr`` (METEOR only with Java; :mod:`mdm.tasks.caption_eval`). They are printed one per
 line and, with ``--metrics-json FILE``, written as one JSON object.
 """
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument(
         "--predictions",
-        help="vqav2: an EvalAI file [{question_id, answer}]; nlvr2: [{identifier, prediction}]",
+        help="vqav2: an EvalAI file [{question_id, answer}]; nlvr2: [{identifier, prediction}]; "
+        "captioning: COCO results [{image_id, caption}]",
     )
     p.add_argument(
         "--subset",
@@ -56,7 +59,7 @@ def score_file(args: argparse.Namespace) -> dict[str, float]:
     sections = resolve_sections(args)
     name = sections.task.name
     if not (args.task or args.config or any(o.startswith("task.name=") for o in args.overrides)):
-        raise ValueError("--predictions needs --task (vqav2 or nlvr2)")
+        raise ValueError("--predictions needs --task (vqav2, nlvr2 or captioning)")
     if not sections.data.root:
         raise ValueError("set data.root=<dataset directory> to score predictions")
     root, preds = Path(sections.data.root), read_json(Path(args.predictions))
@@ -72,8 +75,15 @@ def score_file(args: argparse.Namespace) -> dict[str, float]:
         split = args.split or "dev"
         rows = read_json_lines(find_file(root, f"{split}.json", ("", "data", "nlvr2/data")))
         return score_nlvr2(preds, [r for _, r in rows], subset=args.subset, source=args.predictions)
+    if name == "captioning":
+        from mdm.tasks.base import build_task
+        from mdm.tasks.captioning import score_caption_file
+
+        task = build_task(sections.task, sections.data)
+        refs = task.references(args.split or "test")
+        return score_caption_file(preds, refs, source=args.predictions, meteor=sections.task.meteor)
     raise ValueError(
-        f"scoring a prediction file is supported for vqav2 and nlvr2; evaluate a {name} model with --checkpoint"
+        f"scoring a prediction file is supported for vqav2, nlvr2 and captioning; evaluate a {name} model with --checkpoint"
     )
 
 

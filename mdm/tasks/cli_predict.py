@@ -7,7 +7,8 @@ Examples::
 
 Formats: vqav2 writes the EvalAI submission ``[{"question_id": int, "answer": str}, ...]`` (default split
 ``test-dev2015``); nlvr2 ``[{"identifier", "prediction": "True"|"False"}]``; retrieval, for each caption,
-its image and the 10 best images; classification the top-1 class and the top 5 of each image.
+its image and the 10 best images; classification the top-1 class and the top 5 of each image; captioning
+the COCO results format ``[{"image_id", "caption"}]`` (default split: Karpathy ``test``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from mdm.train.loop import TrainConfig
 from mdm.train.metrics import LoggingConfig
 from mdm.train.optim import OptimConfig
 
-TaskName = Literal["vqav2", "nlvr2", "retrieval", "classification", "audio_classification"]
+TaskName = Literal["vqav2", "nlvr2", "retrieval", "classification", "audio_classification", "captioning"]
 
 
 @dataclass
@@ -116,10 +116,11 @@ class TaskConfig:
     """The ``task:`` section: which recipe and its head/loss options.
 
     Attributes:
-        name: ``vqav2``, ``nlvr2``, ``retrieval``, ``classification`` or ``audio_classification``.
+        name: ``vqav2``, ``nlvr2``, ``retrieval``, ``classification``, ``audio_classification`` or
+            ``captioning``.
         num_classes: classification: number of classes (0 = the class folders of the train split;
             audio_classification: the classes of the dataset's metadata).
-        label_smoothing: classification / audio_classification: label smoothing.
+        label_smoothing: classification / audio_classification / captioning (unilm: 0.1): label smoothing.
         head_init_scale: NLVR2 / classification: the head's output Linear weights are multiplied by this
             after init (unilm uses 0.001).
         logit_scale_init: retrieval: initial temperature 1/τ (stored as its log; CLIP uses 1/0.07).
@@ -137,6 +138,16 @@ class TaskConfig:
             patch tokens and of the real text tokens, as BEiT v1 fine-tunes classification — masked data
             modeling never trains the [CLS] output directly, so a short fine-tuning of a small model
             starts from more information with ``mean``.
+        caption_mask_prob: captioning: fraction of caption tokens (after [bos], [eos] included) replaced
+            for the masked-token loss, at least one (unilm ``captioning_mask_prob``: 0.6; its README: 0.7).
+        mask_token_id: captioning: the [MASK] id (-1 = the text tokenizer's ``mask_id``).
+        beam_size: captioning: beams at decoding (1 = greedy; unilm: 3).
+        max_caption_len: captioning: generated tokens at most, [eos] included.
+        min_caption_len: captioning: generated tokens before [eos] may be emitted.
+        length_penalty: captioning: beam scores are ``sum log p / length ** length_penalty`` (unilm: 0.6).
+        no_repeat_ngram_size: captioning: forbid repeating n-grams of this size (0 = off).
+        meteor: captioning: also compute METEOR when Java and its jar are found (each evaluation then
+            pays ~10 s of JVM start-up; :mod:`mdm.tasks.caption_eval`).
     """
 
     name: TaskName = "vqav2"
@@ -149,6 +160,14 @@ class TaskConfig:
     rerank_k: int = 0
     rerank_batch_size: int = 64
     pool: Literal["cls", "mean"] = "cls"
+    caption_mask_prob: float = 0.6
+    mask_token_id: int = -1
+    beam_size: int = 3
+    max_caption_len: int = 30
+    min_caption_len: int = 0
+    length_penalty: float = 0.6
+    no_repeat_ngram_size: int = 0
+    meteor: bool = True
 
 
 @dataclass

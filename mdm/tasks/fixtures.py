@@ -41,6 +41,10 @@ class HashTokenizer:
             ids[i, : len(row)] = torch.tensor(row)
         return ids, ids == self.pad_id
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """``w<id>`` per word id (hashing is one-way); [bos], [pad], [eos] and ids ≥ vocab are skipped."""
+        return " ".join(f"w{i}" for i in ids if 3 <= i < self.vocab_size)
+
 
 def color_image(path: Path, color: str, rng: random.Random, size: int = 40) -> None:
     """Writes a noisy image of one colour (format from the suffix)."""

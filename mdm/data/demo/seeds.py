@@ -25,6 +25,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "vqav2": ("vqa_acc",),
     "nlvr2": ("nlvr2_acc",),
     "retrieval": ("r_mean", "tr_r1", "ir_r1"),
+    "captioning": ("CIDEr_beam", "CIDEr"),
 }
 HEADER = ("task", "metric", "pretrained", "scratch", "margin", "min margin", "holds")
 

@@ -105,3 +105,21 @@ class MultiwayAttention(nn.Module):
         else:
             qkv = route_parts(self.qkv, rows, layout.kinds)
         return layout.scatter(qkv)
+
+
+def seq2seq_mask(n_image: int, n_text: int, device: torch.device | None = None) -> torch.Tensor:
+    """The uni-directional (seq2seq) mask of caption generation (UniLM; BEiT-3's ``BEiT3ForCaptioning``).
+
+    Over ``[image tokens, text tokens]``: image tokens attend to image tokens only; text tokens attend to
+    every image token and to the text up to and including themselves. Padding is not handled here: the
+    encoder excludes padded keys itself (``text_padding_mask``).
+
+    Returns:
+        (N, N) bool, N = n_image + n_text, True where attention is allowed (the
+        ``scaled_dot_product_attention`` convention that ``MultiwayTransformer.forward(attn_mask=)`` takes).
+    """
+    N = n_image + n_text
+    allowed = torch.ones(N, N, dtype=torch.bool, device=device)
+    allowed[:n_image, n_image:] = False  # image ↛ text
+    allowed[n_image:, n_image:] = torch.ones(n_text, n_text, dtype=torch.bool, device=device).tril()
+    return allowed
