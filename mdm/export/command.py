@@ -63,7 +63,13 @@ def _export_safetensors(src: ExportSource, out: Path) -> str:
 
 
 def _export_unilm(src: ExportSource, out: Path) -> str:
-    from mdm.export.unilm import check_unilm_layout, export_unilm, unilm_model_name, unilm_variant
+    from mdm.export.unilm import (
+        NOT_IN_UNILM,
+        check_unilm_layout,
+        export_unilm,
+        unilm_model_name,
+        unilm_variant,
+    )
 
     check_unilm_layout(src.cfg)
     # PretrainModel's own machinery (mdm.objectives.model) has no place in a unilm task checkpoint
@@ -75,6 +81,11 @@ def _export_unilm(src: ExportSource, out: Path) -> str:
             internal[:3],
         )
         src.heads = {k: v for k, v in src.heads.items() if not k.startswith(PRETRAIN_PREFIXES)}
+    for prefix, what in NOT_IN_UNILM.items():
+        left_out = sorted(k for k in src.heads if k.startswith(prefix))
+        if left_out:
+            log.info("not exported to unilm: %s, %d tensors (%s*)", what, len(left_out), prefix)
+            src.heads = {k: v for k, v in src.heads.items() if not k.startswith(prefix)}
     if out.suffix not in (".pth", ".pt"):
         out = out / f"{unilm_model_name(src.cfg, unilm_variant(src.heads))}.pth"
     path, variant = export_unilm(src.cfg, src.backbone, src.heads, out)

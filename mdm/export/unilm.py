@@ -85,7 +85,9 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str = "beit3.") -> tupl
     return backbone, rest
 
 
-def torchscale_to_mdm(sd: Mapping[str, torch.Tensor], source: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+def torchscale_to_mdm(
+    sd: Mapping[str, torch.Tensor], source: str = "<checkpoint>"
+) -> dict[str, torch.Tensor]:
     """Maps a torchscale ``BEiT3`` state dict (no ``beit3.`` prefix) to mdm ``beit3_*`` names.
 
     Raises:
@@ -150,7 +152,9 @@ def mdm_to_torchscale(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def infer_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None, source: str = "<checkpoint>") -> ModelConfig:
+def infer_config(
+    sd: Mapping[str, torch.Tensor], num_heads: int | None = None, source: str = "<checkpoint>"
+) -> ModelConfig:
     """Reads the architecture off an mdm-named ``beit3`` state dict.
 
     The number of heads is not visible in the weights: it is taken from the standard size with the
@@ -230,7 +234,9 @@ def import_unilm(
     sd = torchscale_to_mdm(backbone, str(path))
     cfg = infer_config(sd, num_heads, str(path))
     if img_size is not None and img_size != cfg.img_size:
-        sd["vision_pos_embed.weight"] = resize_vision_pos_table(sd["vision_pos_embed.weight"], img_size // cfg.patch_size)
+        sd["vision_pos_embed.weight"] = resize_vision_pos_table(
+            sd["vision_pos_embed.weight"], img_size // cfg.patch_size
+        )
         cfg.img_size = img_size
     model = MultiwayTransformer(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -260,6 +266,13 @@ UNILM_VARIANT_HEADS: dict[str, tuple[str, ...]] = {
     "retrieval": ("language_head.", "vision_head.", "logit_scale"),
     "imageclassification": ("fc_norm.", "head.weight", "head.bias"),
     "captioning": ("mlm_head.",),
+}
+
+
+#: mdm task heads that unilm/beit3 has no module for: retrieval's ITM head (VLMo's two-stage retrieval;
+#: ``BEiT3ForRetrieval`` is a dual encoder only). Exporting to unilm leaves them out, with a log message.
+NOT_IN_UNILM: dict[str, str] = {
+    "itm_head.": "the retrieval model's ITM head (unilm's BEiT3ForRetrieval is a dual encoder without one)",
 }
 
 

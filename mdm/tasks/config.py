@@ -125,6 +125,14 @@ class TaskConfig:
             after init (unilm uses 0.001).
         logit_scale_init: retrieval: initial temperature 1/τ (stored as its log; CLIP uses 1/0.07).
         eval_batch_text_chunk: retrieval: images scored against texts in chunks of this many images.
+        itm_weight: retrieval: weight of VLMo's image-text matching loss on the fusion encoder, trained
+            beside the contrastive loss with hard negatives drawn from its similarities (0 = a dual
+            encoder only, as unilm/beit3 and VLMo's retrieval fine-tuning). The ITM head starts from the
+            pretraining's ``heads.itm.*`` when ``init`` has them.
+        rerank_k: retrieval evaluation: re-rank each query's k best dual-encoder candidates with the
+            fusion encoder's ITM score (VLMo's ``k_test``) and report ``rerank_*`` recall beside the
+            dual-encoder recall (0 = off).
+        rerank_batch_size: retrieval: image-caption pairs per fusion pass when re-ranking.
         pool: vqav2 / nlvr2 / retrieval: what summarises a sequence for the head. ``cls``: the first token
             of each modality (vision [CLS], text [bos]), as BEiT-3 and VLMo. ``mean``: the mean of the
             patch tokens and of the real text tokens, as BEiT v1 fine-tunes classification — masked data
@@ -148,6 +156,9 @@ class TaskConfig:
     head_init_scale: float = 0.001
     logit_scale_init: float = 1.0 / 0.07
     eval_batch_text_chunk: int = 1024
+    itm_weight: float = 0.0
+    rerank_k: int = 0
+    rerank_batch_size: int = 64
     pool: Literal["cls", "mean"] = "cls"
     caption_mask_prob: float = 0.6
     mask_token_id: int = -1

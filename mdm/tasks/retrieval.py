@@ -10,6 +10,12 @@ batch.
 Recall@k (:func:`retrieval_recalls`) counts ties against the model: a ground truth is retrieved in the
 top k only if fewer than k wrong candidates score **at least** as high as it (for an image, its best
 caption counts). Constant features therefore score zero, not an arbitrary order-dependent value.
+
+Two-stage retrieval (VLMo, Bao et al. 2022): with ``task.itm_weight > 0`` the model also has VLMo's ITM
+head on the fusion encoder (image and caption in one pass, VL-FFN in the top layers) and trains it beside
+the contrastive loss on VLMo's 3B pairs (positives, hard negative images, hard negative texts drawn from
+the contrastive similarities of the global batch, :mod:`mdm.objectives.itm`). With ``task.rerank_k > 0``
+evaluation re-ranks each query's k best candidates by the ITM score (:mod:`mdm.tasks.retrieval_rerank`).
 """
 
 from __future__ import annotations
@@ -23,15 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdm.distributed import ops
 from mdm.distributed.ops import all_gather_with_grad
+from mdm.objectives.base import CrossRank
+from mdm.objectives.contrastive import ContrastiveSimilarities
+from mdm.objectives.itm import ITMHead, hard_negative_batch
 from mdm.tasks.base import (
     TASKS,
     Task,
     TaskModel,
     gather_records,
+    model_device,
     run_inference,
     summarise,
     trunc_normal_init,
+    unwrap,
 )
 from mdm.tasks.common import Problems, TextTokenizer, collate
 from mdm.tasks.retrieval_data import (
@@ -40,8 +52,13 @@ from mdm.tasks.retrieval_data import (
     collate_retrieval,
     read_karpathy,
 )
+from mdm.tasks.retrieval_rerank import FusionMatcher, pack_images, rerank_recalls
 
 KS = (1, 5, 10)
+
+
+#: The collectives of :mod:`mdm.distributed.ops` for the ITM hard-negative gather (identity on one process).
+CROSS_RANK = CrossRank(gather_with_grad=all_gather_with_grad, gather=ops.all_gather, rank=ops.rank)
 
 
 class ContrastiveLoss(nn.Module):
@@ -52,13 +69,24 @@ class ContrastiveLoss(nn.Module):
     """
 
     def forward(
-        self, image_feats: torch.Tensor, text_feats: torch.Tensor, scale: torch.Tensor
+        self,
+        image_feats: torch.Tensor,
+        text_feats: torch.Tensor,
+        scale: torch.Tensor,
+        context: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Args: L2-normalised (B, E) features of matching pairs; ``scale`` = exp(logit_scale)."""
+        """Args: L2-normalised (B, E) features of matching pairs; ``scale`` = exp(logit_scale);
+        ``context``: when given, ``context["itc"]`` receives this rank's rows of the logits
+        (:class:`~mdm.objectives.contrastive.ContrastiveSimilarities`) for ITM's hard negatives."""
         all_image = all_gather_with_grad(image_feats)  # (N, E)
         all_text = all_gather_with_grad(text_feats)  # (N, E)
         logits = scale * all_image @ all_text.t()  # (N, N), row = image
         labels = torch.arange(logits.shape[0], device=logits.device)
+        if context is not None:
+            B = image_feats.shape[0]
+            offset = CROSS_RANK.offset(B, logits.device)
+            rows = slice(offset, offset + B)
+            context["itc"] = ContrastiveSimilarities(logits[rows], logits.t()[rows], offset)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
         with torch.no_grad():
             acc = (
@@ -68,22 +96,39 @@ class ContrastiveLoss(nn.Module):
 
 
 class RetrievalModel(TaskModel):
-    """Backbone + projections + temperature of a dual-encoder retrieval model.
+    """Backbone + projections + temperature of a dual-encoder retrieval model, and optionally VLMo's ITM
+    head on the fusion encoder (``itm_head``: pooler + Linear(D, 2), :class:`~mdm.objectives.itm.ITMHead`).
 
     Args:
         backbone: the Multiway Transformer.
         logit_scale_init: initial 1/τ.
+        pool: ``cls`` or ``mean`` (see :func:`~mdm.tasks.base.summarise`).
+        itm: build the ITM head (for training with ``itm_weight`` or for re-ranking).
+        itm_weight: weight of the ITM loss in ``loss`` (0: the head is not trained).
     """
 
-    HEAD_PREFIXES = ("vision_head.", "language_head.", "logit_scale")
+    HEAD_PREFIXES = ("vision_head.", "language_head.", "logit_scale", "itm_head.")
     #: Task tensor ← pretraining head tensor (VLMo's ITC): ``mdm finetune`` starts from them when present.
     PRETRAINED_HEADS = {
         "vision_head.weight": "heads.itc.vision_head.weight",
         "language_head.weight": "heads.itc.language_head.weight",
         "logit_scale": "heads.itc.logit_scale",
     }
+    #: The same for the ITM head (VLMo's ``itm_score`` and pooler), used when the model has one.
+    PRETRAINED_ITM_HEAD = {
+        f"itm_head.{name}": f"heads.itm.{name}"
+        for name in ("pooler.norm.weight", "pooler.norm.bias", "pooler.dense.weight", "pooler.dense.bias")
+        + ("fc.weight", "fc.bias")
+    }
 
-    def __init__(self, backbone: nn.Module, logit_scale_init: float = 1.0 / 0.07, pool: str = "cls") -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        logit_scale_init: float = 1.0 / 0.07,
+        pool: str = "cls",
+        itm: bool = False,
+        itm_weight: float = 0.0,
+    ) -> None:
         super().__init__(backbone)
         self.pool = pool
         D = backbone.cfg.embed_dim
@@ -93,6 +138,10 @@ class RetrievalModel(TaskModel):
         trunc_normal_init(self.vision_head)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         self.criterion = ContrastiveLoss()
+        self.itm_weight = itm_weight
+        self.itm_head = ITMHead(D) if itm or itm_weight > 0 else None
+        if self.itm_head is not None:  # an instance attribute: the class mapping stays ITC-only
+            self.PRETRAINED_HEADS = {**type(self).PRETRAINED_HEADS, **self.PRETRAINED_ITM_HEAD}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -110,10 +159,37 @@ class RetrievalModel(TaskModel):
         _, words = summarise(x, self.pool, 0, text_padding_mask)
         return F.normalize(self.language_head(words), dim=-1)
 
+    def match_logits(
+        self, image: torch.Tensor, text: torch.Tensor, text_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, 3, H, W) images with their (B, T) captions → (B,) ITM match logits of the fusion pass."""
+        if self.itm_head is None:
+            raise ValueError("this retrieval model has no ITM head (task.itm_weight = 0 and no re-ranking)")
+        batch = {"image": image, "text": text, "text_padding_mask": text_padding_mask}
+        return self.itm_head.score(self.backbone, batch)[:, 1].float()  # column 1 = match
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         image = self.encode_image(batch["image"]).float()
         text = self.encode_text(batch["text"], batch["text_padding_mask"]).float()
-        return self.criterion(image, text, self.logit_scale.exp())
+        if self.itm_weight <= 0:
+            return self.criterion(image, text, self.logit_scale.exp())
+        context: dict[str, Any] = {}
+        out = self.criterion(image, text, self.logit_scale.exp(), context)
+        out.update(self._itm(batch, context["itc"]))
+        out["loss"] = out["retrieval_loss"] + self.itm_weight * out["itm_loss"]
+        return out
+
+    def _itm(self, batch: dict[str, Any], sims: ContrastiveSimilarities) -> dict[str, torch.Tensor]:
+        """VLMo's ITM loss on 3B fusion pairs with hard negatives from this step's similarities; the
+        global RNG draws them (seeded and checkpointed by the trainer, like dropout)."""
+        pairs = hard_negative_batch(
+            batch["image"], batch["text"], batch.get("text_padding_mask"), sims, CROSS_RANK, None
+        )
+        logits = self.itm_head.score(self.backbone, pairs).float()  # (3B, 2)
+        loss = F.cross_entropy(logits, pairs["labels"])
+        with torch.no_grad():
+            acc = (logits.argmax(1) == pairs["labels"]).float().mean() * 100.0
+        return {"itm_loss": loss, "itm_acc": acc}
 
     @torch.no_grad()
     def infer(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -186,7 +262,18 @@ class RetrievalTask(Task):
     DEFAULT_SPLITS = {"train_splits": ["train"], "val_split": "val", "test_split": "test"}
 
     def build_model(self, backbone: nn.Module) -> RetrievalModel:
-        return RetrievalModel(backbone, self.cfg.logit_scale_init, self.cfg.pool)
+        if self.cfg.itm_weight < 0 or self.cfg.rerank_k < 0 or self.cfg.rerank_batch_size < 1:
+            raise ValueError(
+                f"retrieval: task.itm_weight ({self.cfg.itm_weight}) and task.rerank_k ({self.cfg.rerank_k}) "
+                f"must be >= 0 and task.rerank_batch_size ({self.cfg.rerank_batch_size}) >= 1"
+            )
+        return RetrievalModel(
+            backbone,
+            self.cfg.logit_scale_init,
+            self.cfg.pool,
+            itm=self.cfg.rerank_k > 0,
+            itm_weight=self.cfg.itm_weight,
+        )
 
     def build_dataset(self, split: str, tokenizer: TextTokenizer | None):
         if tokenizer is None:
@@ -209,31 +296,74 @@ class RetrievalTask(Task):
         return collate_retrieval(samples) if "entry" in samples[0] else collate(samples)
 
     def _features(
-        self, model: nn.Module, loader: Iterable[dict[str, Any]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, model: nn.Module, loader: Iterable[dict[str, Any]], keep_inputs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[Any, Any]]:
+        """Dual-encoder features of every image and caption (merged over ranks) and, with ``keep_inputs``,
+        the inputs the fusion passes of re-ranking need: ``{("p", i): packed pixels, ("x", j): (ids,
+        padding mask)}``."""
         ds: RetrievalEvalDataset = loader.dataset  # type: ignore[attr-defined]
         if not isinstance(ds, RetrievalEvalDataset):
             raise ValueError("retrieval evaluation needs the dataset of an evaluation split (val/test)")
-        rows: list[tuple[Any, torch.Tensor]] = []
+        rows: list[tuple[Any, Any]] = []
         for batch, out in run_inference(model, loader):
             if "image_feats" in out:
-                rows += zip((("i", i) for i in batch["image_index"].tolist()), out["image_feats"].cpu())
+                index = batch["image_index"].tolist()
+                rows += zip((("i", i) for i in index), out["image_feats"].cpu())
+                if keep_inputs:
+                    rows += zip((("p", i) for i in index), pack_images(batch["image"].cpu()))
             if "text_feats" in out:
-                rows += zip((("t", i) for i in batch["text_index"].tolist()), out["text_feats"].cpu())
+                index = batch["text_index"].tolist()
+                rows += zip((("t", i) for i in index), out["text_feats"].cpu())
+                if keep_inputs:
+                    text, pad = batch["text"].cpu(), batch["text_padding_mask"].cpu()
+                    rows += zip((("x", i) for i in index), zip(text, pad))
         feats = gather_records(rows)
         images = torch.stack([feats[("i", i)] for i in range(len(ds.images))])
         texts = torch.stack([feats[("t", j)] for j in range(len(ds.captions))])
-        return images, texts
+        return images, texts, feats
 
     def evaluate(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> dict[str, float]:
-        images, texts = self._features(model, loader)
-        return retrieval_recalls(
-            images, texts, loader.dataset.text_image, chunk=self.cfg.eval_batch_text_chunk
-        )  # type: ignore[attr-defined]
+        """Dual-encoder recall; with ``task.rerank_k`` > 0 also the ``rerank_*`` recall of two-stage
+        retrieval (the top k of each query re-scored by the fusion encoder's ITM head)."""
+        k = self.cfg.rerank_k
+        images, texts, inputs = self._features(model, loader, keep_inputs=k > 0)
+        text_image = loader.dataset.text_image  # type: ignore[attr-defined]
+        metrics = retrieval_recalls(images, texts, text_image, chunk=self.cfg.eval_batch_text_chunk)
+        if k > 0:
+            metrics.update(self._rerank(model, images, texts, text_image, inputs))
+        return metrics
+
+    def _rerank(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        text_image: torch.Tensor,
+        inputs: dict[Any, Any],
+    ) -> dict[str, float]:
+        """``rerank_*`` recall: this rank's share of the queries through the fusion encoder, merged."""
+        inner = unwrap(model)
+        n_img, n_txt = images.shape[0], texts.shape[0]
+        matcher = FusionMatcher(
+            inner,
+            [inputs[("p", i)] for i in range(n_img)],
+            [inputs[("x", j)] for j in range(n_txt)],
+            model_device(inner),
+        )
+        was_training = inner.training
+        inner.eval()
+        try:
+            with torch.no_grad():
+                return rerank_recalls(
+                    images, texts, text_image, matcher, self.cfg.rerank_k, self.cfg.rerank_batch_size, KS,
+                    rank=ops.rank(), world=ops.world_size(), merge=gather_records,
+                )  # fmt: skip
+        finally:
+            inner.train(was_training)
 
     def predict(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """For every caption, the 10 best images: ``[{"caption", "image", "retrieved": [names]}, ...]``."""
-        images, texts = self._features(model, loader)
+        images, texts, _ = self._features(model, loader)
         ds: RetrievalEvalDataset = loader.dataset  # type: ignore[assignment]
         top = (texts @ images.t()).topk(min(10, len(ds.images)), dim=1).indices  # (T, k)
         return [

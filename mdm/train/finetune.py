@@ -80,7 +80,9 @@ def load_backbone(init: str, cfg: ModelConfig) -> torch.nn.Module:
 
 def load_pretraining_heads(model: torch.nn.Module, init: str) -> None:
     """Starts the task head from pretraining heads where the task says how (``TaskModel.PRETRAINED_HEADS``,
-    e.g. retrieval's projections from ``heads.itc.*``), when ``init`` is a model directory that has them."""
+    e.g. retrieval's projections from ``heads.itc.*`` and its ITM head from ``heads.itm.*``), when ``init``
+    is a model directory that has them. Each pretraining head (``heads.<name>.``) loads whole or not at
+    all: a pretraining without ITM leaves a task's ITM head at its fresh init."""
     mapping = getattr(model, "PRETRAINED_HEADS", {})
     path = Path(init) / "heads.safetensors" if init not in ("", "scratch") else None
     if not mapping or path is None or not path.is_file():
@@ -89,20 +91,25 @@ def load_pretraining_heads(model: torch.nn.Module, init: str) -> None:
 
     saved = load_file(str(path))
     own = model.state_dict()
-    found = {  # a (1,) temperature from a ZeRO-3 consolidation fits a 0-dim one
-        ours: saved[theirs].reshape(own[ours].shape)
-        if saved[theirs].numel() == own[ours].numel()
-        else saved[theirs]
-        for ours, theirs in mapping.items()
-        if theirs in saved
-    }
-    if not found:
-        return
-    if len(found) != len(mapping):
-        missing = sorted(theirs for theirs in mapping.values() if theirs not in saved)
-        raise ConfigError(f"init={init}: {path.name} has some of the task head's tensors but lacks {missing}")
-    model.load_state_dict(found, strict=False)
-    log.info("task head initialised from %s (%s)", path, ", ".join(sorted(mapping.values())))
+    groups: dict[str, dict[str, str]] = {}
+    for ours, theirs in mapping.items():
+        groups.setdefault(".".join(theirs.split(".")[:2]), {})[ours] = theirs
+    for group, part in sorted(groups.items()):
+        found = {  # a (1,) temperature from a ZeRO-3 consolidation fits a 0-dim one
+            ours: saved[theirs].reshape(own[ours].shape)
+            if saved[theirs].numel() == own[ours].numel()
+            else saved[theirs]
+            for ours, theirs in part.items()
+            if theirs in saved
+        }
+        if not found:
+            log.info("%s has no %s.*: that part of the task head starts fresh", path, group)
+            continue
+        if len(found) != len(part):
+            missing = sorted(theirs for theirs in part.values() if theirs not in saved)
+            raise ConfigError(f"init={init}: {path.name} has some of {group}.* but lacks {missing}")
+        model.load_state_dict(found, strict=False)
+        log.info("task head initialised from %s (%s)", path, ", ".join(sorted(part.values())))
 
 
 def _steps_per_epoch(loader: EpochLoader, grad_accum: int) -> int:
