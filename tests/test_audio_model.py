@@ -195,3 +195,12 @@ def test_layer_decay_and_weight_decay_cover_audio_parameters():
     for n in nwd:
         assert decay[id(params[n])] == 0.0, n
     assert decay[id(params["layers.0.ffn.audio.fc1.weight"])] == 0.05
+
+
+def test_audio_patch_projection_starts_xavier_uniform():
+    """As AudioMAE (MAE ``initialize_weights``): xavier-uniform on the flattened (D, p·p) kernel, so a
+    patch's content is not drowned by its fixed sine-cosine position (std 0.02 made it ~17× smaller)."""
+    w = tiny_audio("audiomae_tiny", embed_dim=128).audio_embed.proj.weight  # (128, 1, 16, 16)
+    bound = (6.0 / (128 + 256)) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert w.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)

@@ -307,3 +307,16 @@ def test_five_fold_cross_validation(tmp_path, world, beats_dir, capsys):
     shutil.rmtree(tmp_path / "run" / "fold4")
     assert _finetune(tmp_path, world, beats_dir, "train.steps=1") == 0
     assert json.loads((tmp_path / "m.json").read_text())["fold1_acc"] == cv["fold1_acc"]
+
+
+def test_finetune_overfits_a_fold_of_distinct_clips(tmp_path, world):
+    """The whole fine-tuning path (reader, collate, optimizer groups with layer decay and the tiny head
+    init of the demo recipe, the loop) can memorise ten clips of the sound world, one per class, with
+    augmentation off: a broken label mapping, a frozen backbone or a head outside the optimizer fails."""
+    model = ["model.arch=audiomae_tiny", "model.depth=2", "model.audio_frames=96", "model.audio_mel_bins=64"]
+    recipe = ["task.head_init_scale=0.001", "optim.layer_decay=0.75", "optim.lr=2.0e-3", "batch_size=10"]
+    fit = ["data.train_splits=[fold1]", "data.val_split=fold1", "data.audio.mixup=0.0", "train.steps=150"]
+    fit += ["data.audio.freqm=0", "data.audio.timem=0"]
+    assert _finetune(tmp_path, world, "scratch", "data.fold=1", *model, *recipe, *fit) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_clips"] == 10 and metrics["acc"] >= 90.0, metrics

@@ -156,6 +156,23 @@ def test_layer_decay_and_no_decay_groups():
     assert layer_id("decoder.layers.0.fc.weight", 12) == 13  # heads' own "layers" are not backbone layers
 
 
+def test_layer_decay_puts_the_audio_stem_first():
+    """The audio patch embedding, its [CLS]/[MASK] and positions are the stem (layer 0), not a head."""
+    from mdm.models import create_model
+
+    model = create_model("audiomae_tiny", depth=2, audio_pos_trainable=True)
+    groups = param_groups(model, OptimConfig(layer_decay=0.5), num_layers=2)
+    by_name = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    for name in (
+        "audio_embed.proj.weight",
+        "audio_embed.proj.bias",
+        "audio_embed.cls_token",
+        "audio_pos_embed",
+    ):
+        assert by_name[name] == pytest.approx(0.5**3), name
+    assert layer_id("backbone.audio_embed.proj.weight", 12) == 0
+
+
 def test_stagewise_freezing():
     from mdm.models import create_model
     from mdm.train.optim import apply_trainable

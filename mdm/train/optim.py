@@ -17,7 +17,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-_EMBED_RE = re.compile(r"^(backbone\.)?(text_embed|vision_embed|vision_pos_embed|text_pos_embed)\b")
+_EMBED_RE = re.compile(
+    r"^(backbone\.)?(text_embed|vision_embed|vision_pos_embed|text_pos_embed|audio_embed|audio_pos_embed)\b"
+)
 _LAYER_RE = re.compile(r"^(backbone\.)?layers\.(\d+)\.")
 # BEATs (mdm.models.beats, the release's names): the stem before the stack, and encoder.layers.N
 _BEATS_EMBED_RE = re.compile(
