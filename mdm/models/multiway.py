@@ -342,8 +342,7 @@ class MultiwayTransformer(nn.Module):
     @staticmethod
     def _attention_mask(layout: Layout, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Boolean (B, 1, N, N) or (B, 1, 1, N) mask, True where attention is allowed; None for none."""
-        keep = layout.key_keep()  # (B, N) or None
-        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, N)
+        mask = layout.key_mask  # (B, 1, 1, N) or None; the layout's own tensor (attention checks identity)
         if attn_mask is not None:
             N = layout.total
             am = attn_mask.to(dtype=torch.bool)
