@@ -30,6 +30,7 @@ from mdm.models.layers.embeddings import (
     resize_vision_pos_table,
 )
 from mdm.models.layers.ffn import FeedForward, drop_path_scale
+from mdm.models.layers.grad_buffer import BufferedGradEmbedding
 from mdm.models.layers.multiway import (
     AUDIO,
     TEXT,
@@ -144,7 +145,7 @@ class MultiwayTransformer(nn.Module):
         self.cfg = cfg
         D = cfg.embed_dim
         if cfg.has_text:
-            self.text_embed = nn.Embedding(cfg.vocab_size, D)
+            self.text_embed = BufferedGradEmbedding(cfg.vocab_size, D)  # vocab-sized: see grad_buffer
         if cfg.has_vision:
             self.vision_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
             # fairseq layout: row 0-1 unused, row 2 = [CLS], rows 3.. = patches in raster order.
