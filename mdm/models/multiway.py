@@ -30,6 +30,7 @@ from mdm.models.layers.embeddings import (
     resize_vision_pos_table,
 )
 from mdm.models.layers.ffn import FeedForward, drop_path_scale
+from mdm.models.layers.grad_buffer import BufferedGradEmbedding
 from mdm.models.layers.multiway import (
     AUDIO,
     TEXT,
@@ -144,7 +145,7 @@ class MultiwayTransformer(nn.Module):
         self.cfg = cfg
         D = cfg.embed_dim
         if cfg.has_text:
-            self.text_embed = nn.Embedding(cfg.vocab_size, D)
+            self.text_embed = BufferedGradEmbedding(cfg.vocab_size, D)  # vocab-sized: see grad_buffer
         if cfg.has_vision:
             self.vision_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
             # fairseq layout: row 0-1 unused, row 2 = [CLS], rows 3.. = patches in raster order.
@@ -350,8 +351,7 @@ class MultiwayTransformer(nn.Module):
     @staticmethod
     def _attention_mask(layout: Layout, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Boolean (B, 1, N, N) or (B, 1, 1, N) mask, True where attention is allowed; None for none."""
-        keep = layout.key_keep()  # (B, N) or None
-        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, N)
+        mask = layout.key_mask  # (B, 1, 1, N) or None; the layout's own tensor (attention checks identity)
         if attn_mask is not None:
             N = layout.total
             am = attn_mask.to(dtype=torch.bool)

@@ -22,6 +22,7 @@ from torch import nn
 from mdm.models.config import ModelConfig
 from mdm.models.layers.attention import MultiwayAttention
 from mdm.models.layers.ffn import FeedForward, drop_path
+from mdm.models.layers.grad_buffer import BufferedGradLinear
 
 
 def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
@@ -73,7 +74,7 @@ class MLMHead(nn.Module):
         self.tie_embedding = tie_embedding
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
-        self.decoder = None if tie_embedding else nn.Linear(dim, vocab_size, bias=False)
+        self.decoder = None if tie_embedding else BufferedGradLinear(dim, vocab_size)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         trunc_normal_init(self)
 

@@ -24,6 +24,30 @@ from mdm.models.layers.multiway import (
 from mdm.models.layers.packing import Layout
 
 
+def per_sample_pays(x: torch.Tensor, layout: Layout) -> bool:
+    """Whether a packed layout attends per sample (over each sample's real tokens, no mask) rather than
+    over the padded batch with a key padding mask.
+
+    The rule, on CPU: per sample skips ``(B·N² − Σ n_b²)·D`` of attention work (scores and their
+    backward; n_b a sample's real tokens) and pays a fixed cost per sample (one small kernel, the copies
+    of its q/k/v and output). Measured at 1 thread (``benchmarks/RESULTS.md``, 2026-12-03): ≈0.47 ms saved
+    per 10⁶ of that work and ≈0.23 ms per sample paid, forward + backward; per sample is taken when the
+    saving is at least ``PER_SAMPLE_WORK`` per sample, ≈4× the break-even. So a base-size text batch
+    (lengths 11–86 padded to 86) goes per sample, image-caption pairs (197 patches + 10–16 tokens) and the
+    demo's tiny models stay batched. On GPU the padded batch stays (one launch; varlen kernels are the
+    better answer there).
+    """
+    if x.device.type != "cpu":
+        return False
+    return (layout.batch * layout.total**2 - layout.attention_area) * x.shape[-1] >= (
+        layout.batch * PER_SAMPLE_WORK
+    )
+
+
+# Attention work (token pairs × width) skipped by per-sample attention, per sample, above which it is used.
+PER_SAMPLE_WORK = 2_000_000
+
+
 class MultiwayAttention(nn.Module):
     """Multi-head self-attention.
 
@@ -75,6 +99,11 @@ class MultiwayAttention(nn.Module):
     ) -> list[torch.Tensor]:
         """:meth:`forward` on the sequence held as modality parts, dense (B, L_i, D) or packed (n_i, D)
         as ``layout`` says (see :mod:`mdm.models.layers.packing`); returns parts alike."""
+        if layout.packed and (mask is None or mask is layout.key_mask) and per_sample_pays(parts[0], layout):
+            outs = self._per_sample(parts, layout)
+            if self.inner_norm is not None:
+                outs = route_parts(self.inner_norm, outs, layout.kinds)
+            return route_parts(self.out_proj, outs, layout.kinds)
         if layout.packed:
             qkv = self._packed_qkv(parts, layout)  # (B, N, 3D), zeros at padding
         elif len(parts) > 1 and not isinstance(self.qkv, Multiway):
@@ -96,6 +125,32 @@ class MultiwayAttention(nn.Module):
         if self.inner_norm is not None:
             outs = route_parts(self.inner_norm, outs, layout.kinds)
         return route_parts(self.out_proj, outs, layout.kinds)
+
+    def _per_sample(self, parts: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
+        """Attention of each sample over its real tokens only, without a mask: the same result as the
+        padded, key-masked batch, minus the padded query rows and keys (see :func:`per_sample_pays`)."""
+        D, H, hd = parts[0].shape[-1], self.num_heads, self.head_dim
+        rows = [p.reshape(-1, D) for p in parts]  # (B * L_i | n_i, D)
+        if len(rows) > 1 and not isinstance(self.qkv, Multiway):
+            qkv = self.qkv(torch.cat(rows)).split([r.shape[0] for r in rows])  # one GEMM for all parts
+        else:
+            qkv = route_parts(self.qkv, rows, layout.kinds)  # (B * L_i | n_i, 3D) each
+        drop = self.attn_drop if self.training else 0.0
+        outs: list[list[torch.Tensor]] = [[] for _ in parts]
+        for slices in layout.sample_slices:
+            pieces = [t[s] for t, s in zip(qkv, slices)]
+            x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # (n_b, 3D), this sample's tokens
+            n = x.shape[0]
+            q, k, v = (t.view(n, H, hd).transpose(0, 1) for t in x.split(D, dim=-1))  # (H, n_b, hd)
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (H, n_b, hd)
+            o = o.transpose(0, 1).reshape(n, D)  # (n_b, D)
+            for out, piece in zip(outs, o.split([p.shape[0] for p in pieces])):
+                out.append(piece)
+        # dense parts back to (B, L_i, D), packed ones to (n_i, D)
+        return [
+            torch.cat(o) if packing is not None else torch.stack(o)
+            for o, packing in zip(outs, layout.packings)
+        ]
 
     def _packed_qkv(self, parts: list[torch.Tensor], layout: Layout) -> torch.Tensor:
         """qkv of the real tokens only, scattered into the padded sequence (B, N, 3D)."""

@@ -9,7 +9,9 @@ as it is, so no FLOP is spent on padding. Attention is the only place where posi
 rows of all parts are scattered into the padded ``(B, N, ·)`` layout (zeros at padding, which the key
 padding mask hides), attention runs as before, and the outputs at real positions are gathered back.
 Padded query rows are computed and dropped: a dense attention kernel cannot skip them per sample, and
-they are a small share of the attention FLOPs (see ``docs/performance.md``).
+they are a small share of the attention FLOPs (see ``docs/performance.md``). On CPU, when enough padding
+would be skipped, attention instead runs per sample over its real tokens (``per_sample_pays`` in
+:mod:`mdm.models.layers.attention`).
 
 A part without padding is held **dense**, ``(B, L, D)``. A batch with no padding at all has no packed
 part, and every layer then takes the dense path of before (no gather, no scatter).
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
 
 import torch
 
@@ -36,19 +40,24 @@ class Packing:
         sample: (n_real,) long, the sample ``b`` of each real token (drop path draws per sample).
         batch: B.
         length: L, the part's positions in the padded layout.
+        counts: real tokens of each sample (B ints); sample ``b`` holds the packed rows
+            ``sum(counts[:b]) : sum(counts[:b + 1])``.
     """
 
     index: torch.Tensor
     sample: torch.Tensor
     batch: int
     length: int
+    counts: tuple[int, ...]
 
     @classmethod
     def from_padding_mask(cls, padding_mask: torch.Tensor) -> Packing:
         """The packing of a part whose ``padding_mask`` (B, L) is True at padding."""
         B, L = padding_mask.shape
-        index = (~padding_mask).flatten().nonzero().squeeze(1)  # (n_real,)
-        return cls(index, torch.div(index, L, rounding_mode="floor"), B, L)
+        real = ~padding_mask
+        index = real.flatten().nonzero().squeeze(1)  # (n_real,)
+        counts = tuple(real.sum(dim=1).tolist())  # one host sync per forward, not per layer
+        return cls(index, torch.div(index, L, rounding_mode="floor"), B, L, counts)
 
     @property
     def n_real(self) -> int:
@@ -159,6 +168,33 @@ class Layout:
             for L, p in zip(self.lengths, self.padding)
         ]
         return keep[0] if len(keep) == 1 else torch.cat(keep, dim=1)
+
+    @cached_property
+    def key_mask(self) -> torch.Tensor | None:
+        """(B, 1, 1, N) bool, :meth:`key_keep` shaped for attention; one tensor per layout, so attention
+        can tell by identity that a mask is only the key padding (see ``MultiwayAttention``)."""
+        keep = self.key_keep()
+        return None if keep is None else keep[:, None, None, :]
+
+    @cached_property
+    def attention_area(self) -> int:
+        """Σ_b n_b², n_b the real tokens of sample b over all parts: the token pairs attention must score."""
+        counts = [0] * self.batch
+        for L, packing in zip(self.lengths, self.packings):
+            for b in range(self.batch):
+                counts[b] += L if packing is None else packing.counts[b]
+        return sum(n * n for n in counts)
+
+    @cached_property
+    def sample_slices(self) -> tuple[tuple[slice, ...], ...]:
+        """Per sample ``b``, per part, the slice of that part's flattened rows holding sample ``b``: the
+        real tokens of a packed part (``(n_i, ·)``), all ``L_i`` positions of a dense one (``(B * L_i, ·)``)."""
+        per_part = []
+        for L, packing in zip(self.lengths, self.packings):
+            counts = (L,) * self.batch if packing is None else packing.counts
+            stops = list(accumulate(counts))
+            per_part.append([slice(stop - n, stop) for n, stop in zip(counts, stops)])
+        return tuple(zip(*per_part))
 
     def scatter(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """Rows of every part, dense (B, L_i, F) or packed (n_i, F), → the padded sequence (B, N, F),
