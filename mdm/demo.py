@@ -73,7 +73,7 @@ INITS = ("pretrained", "scratch")
 #: tasks whose data is another task's folder: captioning reads the retrieval stage's Karpathy file
 DATA_DIRS = {"captioning": "retrieval"}
 #: decoding of the captioning comparison after fine-tuning (fine-tuning itself evaluates greedily)
-CAPTION_BEAM = ["task.beam_size=3", "task.length_penalty=0.6", "task.no_repeat_ngram_size=3"]
+CAPTION_BEAM = ["task.beam_size=3", "task.length_penalty=1.5", "task.no_repeat_ngram_size=0"]
 
 
 class DemoError(RuntimeError):

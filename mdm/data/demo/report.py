@@ -252,7 +252,8 @@ def _caption_section(out: Path, fig: Path, results: dict[str, dict[str, dict[str
     return [
         "## Captioning", "",
         "Karpathy val images captioned by the two fine-tuned models (`mdm predict`, beam search of 3 with length "
-        "penalty 0.6 and no repeated trigram; the fine-tuning's own evaluation decodes greedily), scored with the COCO "
+        "penalty 1.5 — the demo's captions are long lists of shapes, and shorter penalties stop early; the fine-tuning's "
+        "own evaluation decodes greedily), scored with the COCO "
         f"caption metrics (`mdm evaluate --task captioning --predictions`): CIDEr-D **{pre['CIDEr_beam']:.2f}** from the "
         f"pretrained backbone vs **{scr['CIDEr_beam']:.2f}** from scratch (greedy {pre['CIDEr']:.2f} vs {scr['CIDEr']:.2f}).", "",
         f"![captions]({FIG}/captions.png)", "",
