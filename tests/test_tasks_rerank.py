@@ -355,6 +355,17 @@ def test_random_itm_negatives_ignore_the_similarities_and_never_draw_the_positiv
     assert (drawn["random"] == nxt).float().mean() < 0.5
     with pytest.raises(ValueError, match="itm_negatives"):
         RetrievalModel(tiny(), itm_weight=1.0, itm_negatives="easy")
+    # itm_random_warmup: random for the first 10 training passes, then hard; evaluation does not count
+    model = RetrievalModel(tiny(), itm_weight=1.0, itm_random_warmup=10)
+    model.eval()
+    model._itm(batch, ContrastiveSimilarities(sims, sims, 0))
+    assert model.itm_passes == 0
+    model.train()
+    seen.clear()
+    for _ in range(20):
+        model._itm(batch, ContrastiveSimilarities(sims, sims, 0))
+    warm, after = torch.stack(seen[:10]), torch.stack(seen[10:])
+    assert (warm == nxt).float().mean() < 0.5 and bool((after == nxt).all())
 
 
 def test_itm_pool_text_reads_the_text_bos_of_the_fusion_pass():

@@ -139,6 +139,9 @@ class TaskConfig:
             [CLS] of mdm's image-first sequence (as the pretraining ITM objective, whose head ``init``
             loads). ``text``: the text [bos] (VLMo's joint sequence starts with the text); it left the
             prior sooner in our tests.
+        itm_random_warmup: retrieval: the first this many training steps (micro-batches) draw random
+            ITM negatives whatever ``itm_negatives`` says, then ``itm_negatives`` applies (a curriculum;
+            the count restarts when a run resumes).
         rerank_k: retrieval evaluation: re-rank each query's k best dual-encoder candidates with the
             fusion encoder's ITM score (VLMo's ``k_test``) and report ``rerank_*`` recall beside the
             dual-encoder recall (0 = off).
@@ -169,6 +172,7 @@ class TaskConfig:
     itm_weight: float = 0.0
     itm_negatives: Literal["hard", "random"] = "hard"
     itm_pool: Literal["image", "text"] = "image"
+    itm_random_warmup: int = 0
     rerank_k: int = 0
     rerank_batch_size: int = 64
     pool: Literal["cls", "mean"] = "cls"

@@ -109,6 +109,10 @@ class RetrievalModel(TaskModel):
             the other pairs of the global batch).
         itm_pool: the fusion pass's token the ITM head reads: ``image`` ([CLS], as pretraining) or
             ``text`` ([bos], as VLMo).
+        itm_random_warmup: the first this many training forward passes draw random negatives, whatever
+            ``itm_negatives`` says (a curriculum: easy pairs get the head off the class prior, hard ones
+            follow). Counted by the model (micro-batches under gradient accumulation; restarts at 0
+            when a run resumes).
     """
 
     HEAD_PREFIXES = ("vision_head.", "language_head.", "logit_scale", "itm_head.")
@@ -134,6 +138,7 @@ class RetrievalModel(TaskModel):
         itm_weight: float = 0.0,
         itm_negatives: str = "hard",
         itm_pool: str = "image",
+        itm_random_warmup: int = 0,
     ) -> None:
         super().__init__(backbone)
         self.pool = pool
@@ -151,6 +156,8 @@ class RetrievalModel(TaskModel):
         if itm_pool not in ("image", "text"):
             raise ValueError(f"itm_pool must be 'image' or 'text', got {itm_pool!r}")
         self.itm_pool = itm_pool
+        self.itm_random_warmup = itm_random_warmup
+        self.itm_passes = 0  # training forward passes with the ITM loss so far
         self.itm_head = ITMHead(D) if itm or itm_weight > 0 else None
         if self.itm_head is not None:  # an instance attribute: the class mapping stays ITC-only
             self.PRETRAINED_HEADS = {**type(self).PRETRAINED_HEADS, **self.PRETRAINED_ITM_HEAD}
@@ -195,7 +202,10 @@ class RetrievalModel(TaskModel):
         """VLMo's ITM loss on 3B fusion pairs with hard negatives from this step's similarities; the
         global RNG draws them (seeded and checkpointed by the trainer, like dropout). ``random``
         negatives: equal similarities, so the draw is uniform over the other pairs."""
-        if self.itm_negatives == "random":
+        warming_up = self.itm_passes < self.itm_random_warmup
+        if self.training:
+            self.itm_passes += 1
+        if self.itm_negatives == "random" or warming_up:
             flat = torch.zeros_like(sims.image_to_text)  # (B, N)
             sims = ContrastiveSimilarities(flat, flat, sims.offset)
         pairs = hard_negative_batch(
@@ -291,6 +301,7 @@ class RetrievalTask(Task):
             itm_weight=self.cfg.itm_weight,
             itm_negatives=self.cfg.itm_negatives,
             itm_pool=self.cfg.itm_pool,
+            itm_random_warmup=self.cfg.itm_random_warmup,
         )
 
     def build_dataset(self, split: str, tokenizer: TextTokenizer | None):
