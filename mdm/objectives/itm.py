@@ -160,12 +160,21 @@ class ITMHead(nn.Module):
         """(B, D) first token of the fusion pass → (B, 2) logits (column 1 = match)."""
         return self.fc(self.pooler(first))
 
-    def score(self, backbone: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-        """(B, 2) logits of the fusion pass over ``image`` / ``text`` / ``text_padding_mask``."""
+    def score(self, backbone: nn.Module, batch: Mapping[str, Any], pool: str = "image") -> torch.Tensor:
+        """(B, 2) logits of the fusion pass over ``image`` / ``text`` / ``text_padding_mask``.
+
+        ``pool``: which first token the head reads, ``image`` (x[:, 0], the image [CLS] of mdm's
+        image-first sequence, as the pretraining objective) or ``text`` (the text [bos], VLMo's choice:
+        its joint sequence starts with the text).
+        """
         x = backbone(
             image=batch["image"], text=batch["text"], text_padding_mask=batch.get("text_padding_mask")
-        )
-        return self(x[:, 0])
+        )  # (B, 1 + P + T, D), image first
+        if pool == "image":
+            return self(x[:, 0])
+        if pool == "text":
+            return self(x[:, x.shape[1] - batch["text"].shape[1]])
+        raise ValueError(f"ITM pool must be 'image' or 'text', got {pool!r}")
 
 
 class ImageTextMatching(Objective):

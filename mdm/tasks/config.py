@@ -129,6 +129,19 @@ class TaskConfig:
             beside the contrastive loss with hard negatives drawn from its similarities (0 = a dual
             encoder only, as unilm/beit3 and VLMo's retrieval fine-tuning). The ITM head starts from the
             pretraining's ``heads.itm.*`` when ``init`` has them.
+        itm_negatives: retrieval: how ITM's negative image (per caption) and caption (per image) are drawn
+            from the other pairs of the global batch. ``hard``: in proportion to the softmax of the
+            contrastive similarities (VLMo). ``random``: uniformly. With hard negatives a small model
+            trained from a weak init can stay on the class prior (loss H(1/3) = 0.636, every pair "no
+            match"): the negatives become as close to the positives as the dual encoder can tell, before
+            the fusion encoder has learned to compare image and caption at all (docs/finetune.md).
+        itm_pool: retrieval: the fusion pass's token the ITM head reads. ``image``: x[:, 0], the image
+            [CLS] of mdm's image-first sequence (as the pretraining ITM objective, whose head ``init``
+            loads). ``text``: the text [bos] (VLMo's joint sequence starts with the text); it left the
+            prior sooner in our tests.
+        itm_random_warmup: retrieval: the first this many training steps (micro-batches) draw random
+            ITM negatives whatever ``itm_negatives`` says, then ``itm_negatives`` applies (a curriculum;
+            the count restarts when a run resumes).
         rerank_k: retrieval evaluation: re-rank each query's k best dual-encoder candidates with the
             fusion encoder's ITM score (VLMo's ``k_test``) and report ``rerank_*`` recall beside the
             dual-encoder recall (0 = off).
@@ -157,6 +170,9 @@ class TaskConfig:
     logit_scale_init: float = 1.0 / 0.07
     eval_batch_text_chunk: int = 1024
     itm_weight: float = 0.0
+    itm_negatives: Literal["hard", "random"] = "hard"
+    itm_pool: Literal["image", "text"] = "image"
+    itm_random_warmup: int = 0
     rerank_k: int = 0
     rerank_batch_size: int = 64
     pool: Literal["cls", "mean"] = "cls"

@@ -105,6 +105,14 @@ class RetrievalModel(TaskModel):
         pool: ``cls`` or ``mean`` (see :func:`~mdm.tasks.base.summarise`).
         itm: build the ITM head (for training with ``itm_weight`` or for re-ranking).
         itm_weight: weight of the ITM loss in ``loss`` (0: the head is not trained).
+        itm_negatives: ``hard`` (VLMo: drawn by the contrastive similarities) or ``random`` (uniform over
+            the other pairs of the global batch).
+        itm_pool: the fusion pass's token the ITM head reads: ``image`` ([CLS], as pretraining) or
+            ``text`` ([bos], as VLMo).
+        itm_random_warmup: the first this many training forward passes draw random negatives, whatever
+            ``itm_negatives`` says (a curriculum: easy pairs get the head off the class prior, hard ones
+            follow). Counted by the model (micro-batches under gradient accumulation; restarts at 0
+            when a run resumes).
     """
 
     HEAD_PREFIXES = ("vision_head.", "language_head.", "logit_scale", "itm_head.")
@@ -128,6 +136,9 @@ class RetrievalModel(TaskModel):
         pool: str = "cls",
         itm: bool = False,
         itm_weight: float = 0.0,
+        itm_negatives: str = "hard",
+        itm_pool: str = "image",
+        itm_random_warmup: int = 0,
     ) -> None:
         super().__init__(backbone)
         self.pool = pool
@@ -138,7 +149,15 @@ class RetrievalModel(TaskModel):
         trunc_normal_init(self.vision_head)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         self.criterion = ContrastiveLoss()
+        if itm_negatives not in ("hard", "random"):
+            raise ValueError(f"itm_negatives must be 'hard' or 'random', got {itm_negatives!r}")
         self.itm_weight = itm_weight
+        self.itm_negatives = itm_negatives
+        if itm_pool not in ("image", "text"):
+            raise ValueError(f"itm_pool must be 'image' or 'text', got {itm_pool!r}")
+        self.itm_pool = itm_pool
+        self.itm_random_warmup = itm_random_warmup
+        self.itm_passes = 0  # training forward passes with the ITM loss so far
         self.itm_head = ITMHead(D) if itm or itm_weight > 0 else None
         if self.itm_head is not None:  # an instance attribute: the class mapping stays ITC-only
             self.PRETRAINED_HEADS = {**type(self).PRETRAINED_HEADS, **self.PRETRAINED_ITM_HEAD}
@@ -166,7 +185,7 @@ class RetrievalModel(TaskModel):
         if self.itm_head is None:
             raise ValueError("this retrieval model has no ITM head (task.itm_weight = 0 and no re-ranking)")
         batch = {"image": image, "text": text, "text_padding_mask": text_padding_mask}
-        return self.itm_head.score(self.backbone, batch)[:, 1].float()  # column 1 = match
+        return self.itm_head.score(self.backbone, batch, self.itm_pool)[:, 1].float()  # column 1 = match
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         image = self.encode_image(batch["image"]).float()
@@ -181,11 +200,18 @@ class RetrievalModel(TaskModel):
 
     def _itm(self, batch: dict[str, Any], sims: ContrastiveSimilarities) -> dict[str, torch.Tensor]:
         """VLMo's ITM loss on 3B fusion pairs with hard negatives from this step's similarities; the
-        global RNG draws them (seeded and checkpointed by the trainer, like dropout)."""
+        global RNG draws them (seeded and checkpointed by the trainer, like dropout). ``random``
+        negatives: equal similarities, so the draw is uniform over the other pairs."""
+        warming_up = self.itm_passes < self.itm_random_warmup
+        if self.training:
+            self.itm_passes += 1
+        if self.itm_negatives == "random" or warming_up:
+            flat = torch.zeros_like(sims.image_to_text)  # (B, N)
+            sims = ContrastiveSimilarities(flat, flat, sims.offset)
         pairs = hard_negative_batch(
             batch["image"], batch["text"], batch.get("text_padding_mask"), sims, CROSS_RANK, None
         )
-        logits = self.itm_head.score(self.backbone, pairs).float()  # (3B, 2)
+        logits = self.itm_head.score(self.backbone, pairs, self.itm_pool).float()  # (3B, 2)
         loss = F.cross_entropy(logits, pairs["labels"])
         with torch.no_grad():
             acc = (logits.argmax(1) == pairs["labels"]).float().mean() * 100.0
@@ -273,6 +299,9 @@ class RetrievalTask(Task):
             self.cfg.pool,
             itm=self.cfg.rerank_k > 0,
             itm_weight=self.cfg.itm_weight,
+            itm_negatives=self.cfg.itm_negatives,
+            itm_pool=self.cfg.itm_pool,
+            itm_random_warmup=self.cfg.itm_random_warmup,
         )
 
     def build_dataset(self, split: str, tokenizer: TextTokenizer | None):
