@@ -13,17 +13,41 @@ import sys
 # name → (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mdm.demo", "run the whole pipeline on the embedded demo data and write a report"),
-    "import": ("mdm.export.cli", "import a checkpoint from another toolkit (unilm/torchscale BEiT-3, AudioMAE, BEATs)"),
+    "import": (
+        "mdm.export.cli",
+        "import a checkpoint from another toolkit (unilm/torchscale BEiT-3, AudioMAE, BEATs)",
+    ),
     "info": ("mdm.models.cli", "list model presets, or describe one (parameters per expert)"),
-    "data": ("mdm.data.cli", "build WebDataset shards from captions JSON, JSONL, image folders or text files"),
-    "pretrain": ("mdm.train.pretrain", "masked data modeling pretraining (MIM / MLM / MVLM / MAE), 1 process to ZeRO-3"),
+    "data": (
+        "mdm.data.cli",
+        "build WebDataset shards from captions JSON, JSONL, image folders or text files",
+    ),
+    "pretrain": (
+        "mdm.train.pretrain",
+        "masked data modeling pretraining (MIM / MLM / MVLM / MAE), 1 process to ZeRO-3",
+    ),
     "finetune": ("mdm.train.finetune", "fine-tune on VQAv2, NLVR2, retrieval or classification"),
-    "evaluate": ("mdm.tasks.cli_evaluate", "official metrics of a fine-tuned model or of a prediction file (VQA, NLVR2, ...)"),
-    "predict": ("mdm.tasks.cli_predict", "predictions of a fine-tuned model (EvalAI VQA submission file, ...)"),
-    "checkpoint": ("mdm.train.consolidate", "consolidate a (ZeRO-sharded) training checkpoint into a model directory"),
+    "evaluate": (
+        "mdm.tasks.cli_evaluate",
+        "official metrics of a fine-tuned model or of a prediction file (VQA, NLVR2, ...)",
+    ),
+    "predict": (
+        "mdm.tasks.cli_predict",
+        "predictions of a fine-tuned model (EvalAI VQA submission file, ...)",
+    ),
+    "checkpoint": (
+        "mdm.train.consolidate",
+        "consolidate a (ZeRO-sharded) training checkpoint into a model directory",
+    ),
     "export": ("mdm.export.command", "export a checkpoint as safetensors, unilm/BEiT-3, timm or ONNX"),
-    "launch": ("mdm.launch.cli", "plan a multi-node run: --dry-run prints parameters, memory per ZeRO stage, batch"),
-    "tokenizer": ("mdm.tokenizers.cli", "train, evaluate, apply and import visual (dVAE, VQ-KD) and text tokenizers"),
+    "launch": (
+        "mdm.launch.cli",
+        "plan a multi-node run: --dry-run prints parameters, memory per ZeRO stage, batch",
+    ),
+    "tokenizer": (
+        "mdm.tokenizers.cli",
+        "train, evaluate, apply and import visual (dVAE, VQ-KD) and text tokenizers",
+    ),
 }
 
 

@@ -47,13 +47,18 @@ def test_unknown_key_names_key_file_and_closest(tmp_path):
 
 
 def test_override_unknown_key_is_reported_as_command_line():
-    with pytest.raises(ConfigError, match=r"command line: unknown key 'inner\.rat'; did you mean 'inner\.rate'"):
+    with pytest.raises(
+        ConfigError, match=r"command line: unknown key 'inner\.rat'; did you mean 'inner\.rate'"
+    ):
         load_config(Outer, None, ["inner.rat=0.5"])
 
 
 def test_types_are_checked_and_coerced(tmp_path):
-    cfg = load_config(Outer, None, ["inner.depth=4", "inner.rate=1e-4", "tags=[a,b]", "betas=[0.8,0.9]",
-                                    "extra.k=3", "maybe=null"])
+    cfg = load_config(
+        Outer,
+        None,
+        ["inner.depth=4", "inner.rate=1e-4", "tags=[a,b]", "betas=[0.8,0.9]", "extra.k=3", "maybe=null"],
+    )
     assert cfg.inner.depth == 4 and cfg.inner.rate == pytest.approx(1e-4) and cfg.tags == ["a", "b"]
     assert cfg.betas == (0.8, 0.9) and cfg.extra == {"k": 3} and cfg.maybe is None
     with pytest.raises(ConfigError, match="expected an integer"):

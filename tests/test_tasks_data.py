@@ -127,9 +127,7 @@ def test_nlvr2_paths_labels_and_missing_images(tmp_path):
     task = build_task(TaskConfig(name="nlvr2"), data_cfg(root))
     train = task.build_dataset("train", TOK)
     r0 = train.records[0]
-    assert r0.image.endswith("images/train/0/train-0-0-img0.png") and r0.image2.endswith(
-        "train-0-0-img1.png"
-    )
+    assert r0.image.endswith("images/train/0/train-0-0-img0.png") and r0.image2.endswith("train-0-0-img1.png")
     assert [r.label for r in train.records] == [int(x["label"] == "True") for x in rows["train"]]
     item = train[0]
     assert set(item) == {"image", "image2", "text", "text_padding_mask", "labels", "identifier"}

@@ -53,9 +53,7 @@ def _unknown_key_error(key: str, prefix: str, valid: Sequence[str], source: str)
     full = f"{prefix}{key}"
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-    return ConfigError(
-        f"{source}: unknown key {full!r}{hint} (valid keys here: {', '.join(sorted(valid))})"
-    )
+    return ConfigError(f"{source}: unknown key {full!r}{hint} (valid keys here: {', '.join(sorted(valid))})")
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -237,9 +235,7 @@ def _check_override_key(cls: type, dotted: str) -> None:
         if not dataclasses.is_dataclass(tp):
             if typing.get_origin(tp) in (dict, Mapping) or tp is dict or tp is Any:
                 return  # free-form mapping below this point
-            raise ConfigError(
-                f"command line: {dotted!r}: {'.'.join(parts[:i])!r} is a value, not a section"
-            )
+            raise ConfigError(f"command line: {dotted!r}: {'.'.join(parts[:i])!r} is a value, not a section")
         names = _field_names(tp)
         if part not in names:
             raise _unknown_key_error(part, ".".join(parts[:i]) + ("." if i else ""), names, "command line")

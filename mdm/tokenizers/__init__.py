@@ -30,4 +30,14 @@ TOKENIZERS.register("vqkd")(VQKD)
 TOKENIZERS.register("acoustic_rp")(RandomProjectionTokenizer)
 TOKENIZERS.register("acoustic_vqkd")(AcousticVQKD)
 
-__all__ = ["AcousticVQKD", "DVAE", "RandomProjectionTokenizer", "TOKENIZERS", "TextTokenizer", "VQKD", "VisualTokenizer", "load", "save_tokenizer"]
+__all__ = [
+    "AcousticVQKD",
+    "DVAE",
+    "RandomProjectionTokenizer",
+    "TOKENIZERS",
+    "TextTokenizer",
+    "VQKD",
+    "VisualTokenizer",
+    "load",
+    "save_tokenizer",
+]
