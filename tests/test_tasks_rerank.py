@@ -114,23 +114,24 @@ def test_reranking_reorders_the_top_k_only():
         assert torch.equal(out[r, top[r]].argsort(), (dual[r, top[r]] + itm[r][0]).argsort())
 
 
-def test_auto_itm_scale_weighs_the_itm_logit_by_the_spread_of_the_dual_scores():
-    """``rerank_itm_scale="auto"``: a row scores ``dual + (sd(dual) / sd(itm)) * itm`` over its top k, so a
-    logit that spreads 20x wider than the similarities no longer decides alone; a constant ITM row keeps
-    the dual order; a number is the weight itself (VLMo: 1)."""
+def test_auto_itm_scale_weighs_the_itm_logit_by_the_pooled_spread_of_the_dual_scores():
+    """``rerank_itm_scale="auto"``: ``dual + w * itm`` with one ``w = sqrt(mean var(dual) / mean var(itm))``
+    over the queries' top k, so a logit that spreads 20x wider than the similarities no longer decides
+    alone; a number is the weight itself (VLMo: 1)."""
     dual = torch.tensor([[0.90, 0.86, 0.80, 0.10], [0.5, 0.4, 0.3, 0.2]])
     cols = torch.tensor([0, 1, 2])
-    itm = torch.tensor([-1.0, 0.0, 1.0])  # reverses the dual order, spread 1 vs 0.05
-    w = float(dual[0, cols].std() / itm.std())
-    auto = reranked_matrix(dual, {0: (cols, itm), 1: (cols, torch.full((3,), 7.0))}, "auto")
-    torch.testing.assert_close(auto[0, cols], dual[0, cols] + w * itm)
+    itm = {0: (cols, torch.tensor([-1.0, 0.0, 1.0])), 1: (cols, torch.tensor([0.0, 0.0, 3.0]))}
+    dual_var = (dual[0, cols].double().var() + dual[1, cols].double().var()) / 2
+    itm_var = (itm[0][1].double().var() + itm[1][1].double().var()) / 2
+    w = float((dual_var / itm_var).sqrt())
+    auto = reranked_matrix(dual, itm, "auto")
+    for r in (0, 1):
+        torch.testing.assert_close(auto[r, cols], dual[r, cols] + w * itm[r][1])
     assert int(auto[0, cols].argmax()) == 1  # a compromise: dual alone picks 0, the logit alone 2
-    assert torch.equal(auto[1, cols].argsort(), dual[1, cols].argsort())  # constant ITM: dual order
-    vlmo = reranked_matrix(dual, {0: (cols, itm)})
-    assert int(vlmo[0, cols].argmax()) == 2  # weight 1: the logit decides
-    torch.testing.assert_close(
-        reranked_matrix(dual, {0: (cols, itm)}, 0.5)[0, cols], dual[0, cols] + 0.5 * itm
-    )
+    assert int(reranked_matrix(dual, itm)[0, cols].argmax()) == 2  # weight 1: the logit decides
+    flat = {0: (cols, torch.full((3,), 7.0))}  # ITM logits that do not vary: weight 0, the dual order
+    assert torch.equal(reranked_matrix(dual, flat, "auto")[0, cols], dual[0, cols])
+    torch.testing.assert_close(reranked_matrix(dual, itm, 0.5)[0, cols], dual[0, cols] + 0.5 * itm[0][1])
 
 
 def test_rerank_split_over_ranks_equals_one_process():

@@ -151,9 +151,10 @@ class TaskConfig:
             dual-encoder recall (0 = off).
         rerank_batch_size: retrieval: image-caption pairs per fusion pass when re-ranking.
         rerank_itm_scale: retrieval: a re-ranked candidate scores ``dual + w * itm``. A number is ``w``
-            (VLMo and ALBEF add the ITM logit as it is: 1.0). ``auto``: per query, the ratio of the
-            standard deviations of its top-k dual scores and ITM logits, so that neither ranking drowns
-            the other (a cosine similarity spreads by ~0.05 among the top k, a logit by ~1).
+            (VLMo and ALBEF add the ITM logit as it is: 1.0). ``auto``: the ratio of the spreads of the
+            dual scores and of the ITM logits among each query's top k (pooled over the queries, per
+            direction), so that neither ranking drowns the other (a cosine similarity spreads by ~0.05
+            among the top k, a logit by ~1).
         pool: vqav2 / nlvr2 / retrieval: what summarises a sequence for the head. ``cls``: the first token
             of each modality (vision [CLS], text [bos]), as BEiT-3 and VLMo. ``mean``: the mean of the
             patch tokens and of the real text tokens, as BEiT v1 fine-tunes classification — masked data

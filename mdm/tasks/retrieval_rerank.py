@@ -95,34 +95,40 @@ def rerank_rows(
     return {r: (top[r], flat[j * k : (j + 1) * k]) for j, r in enumerate(rows)}
 
 
-def itm_weight(dual: torch.Tensor, itm: torch.Tensor, scale: float | str) -> float:
-    """The weight of a row's ITM logits in ``dual + weight * itm``.
+def itm_weight(
+    dual: torch.Tensor, reranked: dict[int, tuple[torch.Tensor, torch.Tensor]], scale: float | str
+) -> float:
+    """The weight ``w`` of the ITM logits in the re-ranked ``dual + w * itm``.
 
     ``scale`` is a number (VLMo and ALBEF add the logit as it is: 1.0) or ``"auto"``: the ratio of the
-    standard deviations of the row's top-k dual scores and of their ITM logits, so that both rankings
-    count alike whatever the scale of each (a cosine similarity spreads by ~0.05 among the top k, a
-    logit by ~1; added as they are, the logit alone decides). 0 when the ITM logits do not vary.
+    pooled within-query standard deviations, ``sqrt(mean_q var(dual_q) / mean_q var(itm_q))`` over the
+    queries' top-k candidates, so that both rankings count alike whatever the scale of each (on the demo
+    a cosine similarity spreads by ~0.05 among the top k, a logit by ~1; added as they are, the logit
+    alone decides). One weight for all queries: a per-query ratio would let the ITM logit overturn the
+    dual order on every 2-candidate query. No labels are used; 0 when the ITM logits do not vary.
     """
     if scale != "auto":
         return float(scale)
-    if len(itm) < 2:
+    rows = [(dual[r, cols].double(), itm.double()) for r, (cols, itm) in reranked.items() if len(cols) >= 2]
+    if not rows:
         return 0.0
-    spread = float(itm.float().std())
-    return float(dual.float().std()) / spread if spread > 0 else 0.0
+    dual_var = torch.stack([d.var() for d, _ in rows]).mean()
+    itm_var = torch.stack([i.var() for _, i in rows]).mean()
+    return float((dual_var / itm_var).sqrt()) if itm_var > 0 else 0.0
 
 
 def reranked_matrix(
     dual: torch.Tensor, reranked: dict[int, tuple[torch.Tensor, torch.Tensor]], scale: float | str = 1.0
 ) -> torch.Tensor:
     """VLMo's re-ranked scores: ``dual + w * itm`` inside each row's top k (``w``: :func:`itm_weight`
-    of ``scale``; VLMo: 1), ``dual - 100`` outside.
+    of ``scale``, one for all rows; VLMo: 1), ``dual - 100`` outside.
 
     Should an ITM logit fall below -100 + the row's dual spread, the outside shift grows so that every
     top-k candidate still ranks above every other one: re-ranking reorders the top k and nothing else.
     """
     out = dual + OUTSIDE
+    w = itm_weight(dual, reranked, scale)
     for r, (cols, itm) in reranked.items():
-        w = itm_weight(dual[r, cols], itm, scale)
         inside = dual[r, cols] + w * itm.to(dual.dtype)
         shift = min(OUTSIDE, float(inside.min() - dual[r].max()) - 1.0) if len(cols) else OUTSIDE
         out[r] = dual[r] + shift
