@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from mdm.config import ConfigError, from_dict
 from mdm.objectives import ContrastiveSimilarities, ObjectivesConfig, sample_hard_negatives
-from mdm.objectives.itm import hard_negative_batch
+from mdm.objectives.itm import false_negatives, hard_negative_batch
 from tests.test_objectives import B, make_batches, make_model
 
 
@@ -58,6 +58,32 @@ def test_sampler_needs_a_negative_and_uses_its_generator_only():
     a = sample_hard_negatives(sim, pos, torch.Generator().manual_seed(3))
     b = sample_hard_negatives(sim, pos, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and torch.equal(state, torch.get_rng_state())
+
+
+def test_excluded_candidates_are_never_drawn_and_a_fully_excluded_row_falls_back():
+    g = torch.Generator().manual_seed(2)
+    sim = torch.zeros(3, 5)
+    sim[:, 1] = 50.0  # the hardest candidate of every row, excluded in rows 0 and 1
+    positive = torch.tensor([0, 2, 4])
+    exclude = torch.zeros(3, 5, dtype=torch.bool)
+    exclude[0, 1] = exclude[1, 1] = True
+    exclude[2, :4] = True  # row 2: everything but its positive excluded -> its candidates come back
+    drawn = torch.stack([sample_hard_negatives(sim, positive, g, exclude) for _ in range(400)])
+    assert not (drawn == positive).any()
+    assert not (drawn[:, :2] == 1).any()  # never the excluded hard one
+    assert set(drawn[:, 0].tolist()) == {2, 3, 4} and set(drawn[:, 1].tolist()) == {0, 3, 4}
+    assert (drawn[:, 2] == 1).float().mean() > 0.9  # the fallback row samples by similarity again
+    assert not exclude[2, 4]  # the caller's mask is not modified
+
+
+def test_false_negatives_are_the_same_image_or_the_same_caption():
+    ids = torch.tensor([[5, 7, 9, 0], [5, 7, 9, 3], [5, 7, 9, 4], [5, 8, 9, 9]])
+    pad = torch.tensor([[0, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    image_id = torch.tensor([10, 11, 12, 10])  # pairs 0 and 3 show the same image
+    out = false_negatives(image_id[2:], image_id, torch.tensor([2, 3]), ids, pad)  # a rank holding 2, 3
+    # pair 2: caption equal to pair 0's at every real position (padding ids differ: still equal);
+    # pair 1 differs only at position 3, which is padding in pair 2 but real in pair 1
+    assert out.tolist() == [[True, False, True, False], [True, False, False, True]]
 
 
 def _itc_itm_model():

@@ -114,6 +114,26 @@ def test_reranking_reorders_the_top_k_only():
         assert torch.equal(out[r, top[r]].argsort(), (dual[r, top[r]] + itm[r][0]).argsort())
 
 
+def test_auto_itm_scale_weighs_the_itm_logit_by_the_pooled_spread_of_the_dual_scores():
+    """``rerank_itm_scale="auto"``: ``dual + w * itm`` with one ``w = sqrt(mean var(dual) / mean var(itm))``
+    over the queries' top k, so a logit that spreads 20x wider than the similarities no longer decides
+    alone; a number is the weight itself (VLMo: 1)."""
+    dual = torch.tensor([[0.90, 0.86, 0.80, 0.10], [0.5, 0.4, 0.3, 0.2]])
+    cols = torch.tensor([0, 1, 2])
+    itm = {0: (cols, torch.tensor([-1.0, 0.0, 1.0])), 1: (cols, torch.tensor([0.0, 0.0, 3.0]))}
+    dual_var = (dual[0, cols].double().var() + dual[1, cols].double().var()) / 2
+    itm_var = (itm[0][1].double().var() + itm[1][1].double().var()) / 2
+    w = float((dual_var / itm_var).sqrt())
+    auto = reranked_matrix(dual, itm, "auto")
+    for r in (0, 1):
+        torch.testing.assert_close(auto[r, cols], dual[r, cols] + w * itm[r][1])
+    assert int(auto[0, cols].argmax()) == 1  # a compromise: dual alone picks 0, the logit alone 2
+    assert int(reranked_matrix(dual, itm)[0, cols].argmax()) == 2  # weight 1: the logit decides
+    flat = {0: (cols, torch.full((3,), 7.0))}  # ITM logits that do not vary: weight 0, the dual order
+    assert torch.equal(reranked_matrix(dual, flat, "auto")[0, cols], dual[0, cols])
+    torch.testing.assert_close(reranked_matrix(dual, itm, 0.5)[0, cols], dual[0, cols] + 0.5 * itm[0][1])
+
+
 def test_rerank_split_over_ranks_equals_one_process():
     """Each rank re-ranks a strided share; merged, the metrics equal one process's."""
     images, texts, text_image = _oracle_features(seed=1)
@@ -366,6 +386,42 @@ def test_random_itm_negatives_ignore_the_similarities_and_never_draw_the_positiv
         model._itm(batch, ContrastiveSimilarities(sims, sims, 0))
     warm, after = torch.stack(seen[:10]), torch.stack(seen[10:])
     assert (warm == nxt).float().mean() < 0.5 and bool((after == nxt).all())
+
+
+def test_itm_never_draws_another_caption_of_the_same_image_or_the_same_caption(monkeypatch):
+    """Retrieval batches hold several captions per image: with ``itm_false_negatives="skip"`` (the
+    default) a pair of the same ``image_id`` or with the same caption is never an ITM negative, even when
+    the similarities single it out; ``keep`` is VLMo's sampler, which draws it."""
+    torch.manual_seed(0)
+    B = 8
+    batch = _batch(B)
+    batch["image_id"] = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5])  # pairs (0, 1) and (2, 3): one image each
+    batch["text"][5] = batch["text"][4]  # pairs 4 and 5: the same caption written for two images
+    batch["text_padding_mask"][5] = batch["text_padding_mask"][4]
+    partner = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
+    sims = torch.full((B, B), -50.0)
+    sims[torch.arange(B), partner] = 50.0  # each row's hardest candidate is its false negative
+    seen = []
+
+    def recording(*args, **kwargs):
+        pairs = itm.hard_negative_batch(*args, **kwargs)
+        seen.append(torch.stack([pairs["negative_image"], pairs["negative_text"]]))
+        return pairs
+
+    monkeypatch.setattr("mdm.tasks.retrieval.hard_negative_batch", recording)
+    drawn = {}
+    for mode in ("skip", "keep"):
+        model = RetrievalModel(tiny(), itm_weight=1.0, itm_false_negatives=mode)
+        seen.clear()
+        for _ in range(20):
+            model._itm(batch, ContrastiveSimilarities(sims, sims, 0))
+        drawn[mode] = torch.stack(seen)  # (20, 2, B)
+    false = drawn["skip"][:, :, :6] == partner[:6]
+    assert not bool(false.any())
+    assert bool((drawn["skip"][:, :, 6:] == partner[6:]).all())  # a true hard negative is still drawn
+    assert bool((drawn["keep"] == partner).all())
+    with pytest.raises(ValueError, match="itm_false_negatives"):
+        RetrievalModel(tiny(), itm_weight=1.0, itm_false_negatives="drop")
 
 
 def test_itm_pool_text_reads_the_text_bos_of_the_fusion_pass():

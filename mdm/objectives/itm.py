@@ -31,7 +31,10 @@ from mdm.objectives.heads import trunc_normal_init
 
 
 def sample_hard_negatives(
-    similarity: torch.Tensor, positive: torch.Tensor, generator: torch.Generator | None
+    similarity: torch.Tensor,
+    positive: torch.Tensor,
+    generator: torch.Generator | None,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One negative column per row, drawn in proportion to ``softmax(similarity)`` without the positive.
 
@@ -44,6 +47,10 @@ def sample_hard_negatives(
         positive: (B,) long, the column of each row's own pair (never drawn).
         generator: the random source (its device is where sampling runs; ``None``: the global RNG, for
             code outside the objectives only).
+        exclude: optional (B, N) bool, True at candidates that must not be drawn either (*false
+            negatives*: another caption of the row's image, the same caption written for another image —
+            ALBEF and BLIP mask the same image id). A row whose candidates would all be excluded keeps
+            them (the positive stays out).
 
     Returns:
         (B,) long column indices on ``similarity``'s device.
@@ -53,6 +60,12 @@ def sample_hard_negatives(
         raise ValueError(f"hard negatives need at least 2 candidates per row, got {N}")
     rows = torch.arange(B, device=similarity.device)
     logits = similarity.detach().float().clone()
+    if exclude is not None:
+        exclude = exclude.to(logits.device).clone()
+        exclude[rows, positive] = True
+        full = exclude.all(dim=1)  # nothing left to draw: keep the row's candidates
+        exclude[full] = False
+        logits = logits.masked_fill(exclude, float("-inf"))
     logits[rows, positive] = float("-inf")
     weights = torch.softmax(logits, dim=1)  # (B, N), 0 at the positive
     weights = weights.to(generator.device if generator is not None else weights.device)
@@ -83,6 +96,28 @@ def pad_text(text: torch.Tensor, padding: torch.Tensor, length: int) -> tuple[to
     return F.pad(text, (0, extra), value=0), F.pad(padding, (0, extra), value=True)
 
 
+def false_negatives(
+    image_id: torch.Tensor,
+    all_id: torch.Tensor,
+    positive: torch.Tensor,
+    all_text: torch.Tensor,
+    all_pad: torch.Tensor,
+) -> torch.Tensor:
+    """(B, N) True where global pair j is no negative for local pair i: it shows the same image
+    (``image_id``) or has the same caption (the same ids at every real position).
+
+    Args:
+        image_id: (B,) this rank's image ids; ``all_id`` (N,) the global batch's.
+        positive: (B,) global column of each local pair.
+        all_text: (N, T) the global batch's captions, ``all_pad`` (N, T) their padding masks.
+    """
+    same_image = image_id[:, None] == all_id[None, :]
+    ids = all_text.masked_fill(all_pad, -1)  # padding compares equal whatever its id
+    own = ids[positive]  # (B, T)
+    same_text = (own[:, None, :] == ids[None, :, :]).all(dim=2)  # (B, N)
+    return same_image | same_text
+
+
 def hard_negative_batch(
     image: torch.Tensor,
     text: torch.Tensor,
@@ -90,6 +125,7 @@ def hard_negative_batch(
     sims: ContrastiveSimilarities,
     cross_rank: CrossRank,
     generator: torch.Generator | None,
+    image_id: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The 3B fusion pairs of VLMo's ITM: positives, texts with a hard negative image, images with a hard
     negative text; candidates from every rank (gathered without gradient).
@@ -100,6 +136,9 @@ def hard_negative_batch(
         sims: the ITC similarities of these pairs against the global batch.
         cross_rank: collectives for the gather.
         generator: random source of :func:`sample_hard_negatives`.
+        image_id: optional (B,) long, which image each pair shows (retrieval fine-tuning has several
+            captions per image). With it, false negatives are never drawn: a pair of the same image, or
+            one whose caption is the same text (:func:`false_negatives`).
 
     Returns:
         ``image`` (3B, 3, H, W), ``text`` (3B, T'), ``text_padding_mask`` (3B, T'), ``labels`` (3B,) long
@@ -110,8 +149,12 @@ def hard_negative_batch(
         all_image = cross_rank.gather(image.detach())  # (N, 3, H, W)
         all_text, all_pad = gather_text(text, padding, cross_rank)  # (N, Tg)
         positive = sims.positives()
-        neg_image = sample_hard_negatives(sims.text_to_image, positive, generator)  # for each text
-        neg_text = sample_hard_negatives(sims.image_to_text, positive, generator)  # for each image
+        exclude = None
+        if image_id is not None:
+            all_id = cross_rank.gather(image_id.detach().to(image.device))  # (N,)
+            exclude = false_negatives(image_id.to(image.device), all_id, positive, all_text, all_pad)
+        neg_image = sample_hard_negatives(sims.text_to_image, positive, generator, exclude)  # for each text
+        neg_text = sample_hard_negatives(sims.image_to_text, positive, generator, exclude)  # for each image
     local_pad = torch.zeros_like(text, dtype=torch.bool) if padding is None else padding
     own_text, own_pad = pad_text(text, local_pad, all_text.shape[1])  # (B, Tg)
     images = torch.cat([image, all_image[neg_image], image])  # (3B, 3, H, W)

@@ -142,10 +142,19 @@ class TaskConfig:
         itm_random_warmup: retrieval: the first this many training steps (micro-batches) draw random
             ITM negatives whatever ``itm_negatives`` says, then ``itm_negatives`` applies (a curriculum;
             the count restarts when a run resumes).
+        itm_false_negatives: retrieval: ``skip`` (default) never draws as an ITM negative a pair that
+            shows the same image (another of its captions) or has the same caption word for word (written
+            for another image): they are matches labelled "no match" (ALBEF and BLIP mask the same image
+            id; VLMo's pretraining batches have one caption per image). ``keep``: VLMo's sampler as it is.
         rerank_k: retrieval evaluation: re-rank each query's k best dual-encoder candidates with the
             fusion encoder's ITM score (VLMo's ``k_test``) and report ``rerank_*`` recall beside the
             dual-encoder recall (0 = off).
         rerank_batch_size: retrieval: image-caption pairs per fusion pass when re-ranking.
+        rerank_itm_scale: retrieval: a re-ranked candidate scores ``dual + w * itm``. A number is ``w``
+            (VLMo and ALBEF add the ITM logit as it is: 1.0). ``auto``: the ratio of the spreads of the
+            dual scores and of the ITM logits among each query's top k (pooled over the queries, per
+            direction), so that neither ranking drowns the other (a cosine similarity spreads by ~0.05
+            among the top k, a logit by ~1).
         pool: vqav2 / nlvr2 / retrieval: what summarises a sequence for the head. ``cls``: the first token
             of each modality (vision [CLS], text [bos]), as BEiT-3 and VLMo. ``mean``: the mean of the
             patch tokens and of the real text tokens, as BEiT v1 fine-tunes classification — masked data
@@ -173,8 +182,10 @@ class TaskConfig:
     itm_negatives: Literal["hard", "random"] = "hard"
     itm_pool: Literal["image", "text"] = "image"
     itm_random_warmup: int = 0
+    itm_false_negatives: Literal["skip", "keep"] = "skip"
     rerank_k: int = 0
     rerank_batch_size: int = 64
+    rerank_itm_scale: float | Literal["auto"] = 1.0
     pool: Literal["cls", "mean"] = "cls"
     caption_mask_prob: float = 0.6
     mask_token_id: int = -1

@@ -113,6 +113,8 @@ class RetrievalModel(TaskModel):
             ``itm_negatives`` says (a curriculum: easy pairs get the head off the class prior, hard ones
             follow). Counted by the model (micro-batches under gradient accumulation; restarts at 0
             when a run resumes).
+        itm_false_negatives: ``skip``: pairs of the same image or with the same caption are never drawn
+            as negatives (the batch's ``image_id``); ``keep``: they may be.
     """
 
     HEAD_PREFIXES = ("vision_head.", "language_head.", "logit_scale", "itm_head.")
@@ -139,6 +141,7 @@ class RetrievalModel(TaskModel):
         itm_negatives: str = "hard",
         itm_pool: str = "image",
         itm_random_warmup: int = 0,
+        itm_false_negatives: str = "skip",
     ) -> None:
         super().__init__(backbone)
         self.pool = pool
@@ -157,6 +160,9 @@ class RetrievalModel(TaskModel):
             raise ValueError(f"itm_pool must be 'image' or 'text', got {itm_pool!r}")
         self.itm_pool = itm_pool
         self.itm_random_warmup = itm_random_warmup
+        if itm_false_negatives not in ("skip", "keep"):
+            raise ValueError(f"itm_false_negatives must be 'skip' or 'keep', got {itm_false_negatives!r}")
+        self.itm_false_negatives = itm_false_negatives
         self.itm_passes = 0  # training forward passes with the ITM loss so far
         self.itm_head = ITMHead(D) if itm or itm_weight > 0 else None
         if self.itm_head is not None:  # an instance attribute: the class mapping stays ITC-only
@@ -208,8 +214,9 @@ class RetrievalModel(TaskModel):
         if self.itm_negatives == "random" or warming_up:
             flat = torch.zeros_like(sims.image_to_text)  # (B, N)
             sims = ContrastiveSimilarities(flat, flat, sims.offset)
+        image_id = batch.get("image_id") if self.itm_false_negatives == "skip" else None
         pairs = hard_negative_batch(
-            batch["image"], batch["text"], batch.get("text_padding_mask"), sims, CROSS_RANK, None
+            batch["image"], batch["text"], batch.get("text_padding_mask"), sims, CROSS_RANK, None, image_id
         )
         logits = self.itm_head.score(self.backbone, pairs, self.itm_pool).float()  # (3B, 2)
         loss = F.cross_entropy(logits, pairs["labels"])
@@ -288,6 +295,9 @@ class RetrievalTask(Task):
     DEFAULT_SPLITS = {"train_splits": ["train"], "val_split": "val", "test_split": "test"}
 
     def build_model(self, backbone: nn.Module) -> RetrievalModel:
+        scale = self.cfg.rerank_itm_scale
+        if scale != "auto" and scale < 0:
+            raise ValueError(f"retrieval: task.rerank_itm_scale must be >= 0 or 'auto', got {scale}")
         if self.cfg.itm_weight < 0 or self.cfg.rerank_k < 0 or self.cfg.rerank_batch_size < 1:
             raise ValueError(
                 f"retrieval: task.itm_weight ({self.cfg.itm_weight}) and task.rerank_k ({self.cfg.rerank_k}) "
@@ -302,6 +312,7 @@ class RetrievalTask(Task):
             itm_negatives=self.cfg.itm_negatives,
             itm_pool=self.cfg.itm_pool,
             itm_random_warmup=self.cfg.itm_random_warmup,
+            itm_false_negatives=self.cfg.itm_false_negatives,
         )
 
     def build_dataset(self, split: str, tokenizer: TextTokenizer | None):
@@ -386,6 +397,7 @@ class RetrievalTask(Task):
                 return rerank_recalls(
                     images, texts, text_image, matcher, self.cfg.rerank_k, self.cfg.rerank_batch_size, KS,
                     rank=ops.rank(), world=ops.world_size(), merge=gather_records,
+                    itm_scale=self.cfg.rerank_itm_scale,
                 )  # fmt: skip
         finally:
             inner.train(was_training)

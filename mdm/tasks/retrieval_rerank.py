@@ -95,17 +95,41 @@ def rerank_rows(
     return {r: (top[r], flat[j * k : (j + 1) * k]) for j, r in enumerate(rows)}
 
 
+def itm_weight(
+    dual: torch.Tensor, reranked: dict[int, tuple[torch.Tensor, torch.Tensor]], scale: float | str
+) -> float:
+    """The weight ``w`` of the ITM logits in the re-ranked ``dual + w * itm``.
+
+    ``scale`` is a number (VLMo and ALBEF add the logit as it is: 1.0) or ``"auto"``: the ratio of the
+    pooled within-query standard deviations, ``sqrt(mean_q var(dual_q) / mean_q var(itm_q))`` over the
+    queries' top-k candidates, so that both rankings count alike whatever the scale of each (on the demo
+    a cosine similarity spreads by ~0.05 among the top k, a logit by ~1; added as they are, the logit
+    alone decides). One weight for all queries: a per-query ratio would let the ITM logit overturn the
+    dual order on every 2-candidate query. No labels are used; 0 when the ITM logits do not vary.
+    """
+    if scale != "auto":
+        return float(scale)
+    rows = [(dual[r, cols].double(), itm.double()) for r, (cols, itm) in reranked.items() if len(cols) >= 2]
+    if not rows:
+        return 0.0
+    dual_var = torch.stack([d.var() for d, _ in rows]).mean()
+    itm_var = torch.stack([i.var() for _, i in rows]).mean()
+    return float((dual_var / itm_var).sqrt()) if itm_var > 0 else 0.0
+
+
 def reranked_matrix(
-    dual: torch.Tensor, reranked: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    dual: torch.Tensor, reranked: dict[int, tuple[torch.Tensor, torch.Tensor]], scale: float | str = 1.0
 ) -> torch.Tensor:
-    """VLMo's re-ranked scores: ``dual + itm`` inside each row's top k, ``dual - 100`` outside.
+    """VLMo's re-ranked scores: ``dual + w * itm`` inside each row's top k (``w``: :func:`itm_weight`
+    of ``scale``, one for all rows; VLMo: 1), ``dual - 100`` outside.
 
     Should an ITM logit fall below -100 + the row's dual spread, the outside shift grows so that every
     top-k candidate still ranks above every other one: re-ranking reorders the top k and nothing else.
     """
     out = dual + OUTSIDE
+    w = itm_weight(dual, reranked, scale)
     for r, (cols, itm) in reranked.items():
-        inside = dual[r, cols] + itm.to(dual.dtype)
+        inside = dual[r, cols] + w * itm.to(dual.dtype)
         shift = min(OUTSIDE, float(inside.min() - dual[r].max()) - 1.0) if len(cols) else OUTSIDE
         out[r] = dual[r] + shift
         out[r, cols] = inside
@@ -171,6 +195,7 @@ def rerank_recalls(
     rank: int = 0,
     world: int = 1,
     merge: Callable[[list[tuple[Any, Any]]], dict[Any, Any]] = dict,
+    itm_scale: float | str = 1.0,
 ) -> dict[str, float]:
     """Recall of the dual encoder's top k re-ranked by the fusion ITM score (``rerank_*`` metrics).
 
@@ -185,6 +210,7 @@ def rerank_recalls(
         world: number of processes.
         merge: ``[(key, value), ...]`` of this rank → the dict of every rank's rows
             (:func:`mdm.tasks.base.gather_records`; ``dict`` on one process).
+        itm_scale: the weight of the ITM logit beside the dual score, or ``"auto"`` (:func:`itm_weight`).
     """
     i2t = image_feats.float() @ text_feats.float().t()  # (I, T)
     t2i = i2t.t().contiguous()  # (T, I)
@@ -210,7 +236,11 @@ def rerank_recalls(
     log.info("re-ranked the top %d of %d images and %d captions in %.1f s", k, n_img, n_txt,
              time.perf_counter() - t)  # fmt: skip
     out = recalls_from_scores(
-        reranked_matrix(i2t, by_image), reranked_matrix(t2i, by_text), text_image, ks, prefix="rerank_"
+        reranked_matrix(i2t, by_image, itm_scale),
+        reranked_matrix(t2i, by_text, itm_scale),
+        text_image,
+        ks,
+        prefix="rerank_",
     )
     scores = torch.cat([itm for _, itm in by_image.values()])  # text retrieval's top-k pairs
     labels = torch.cat([text_image[cols] == r for r, (cols, _) in by_image.items()])
