@@ -6,7 +6,9 @@ Stages (each runs the real command through its ``main(argv)``, printed as a ``$ 
 
 1. two sound worlds (:mod:`mdm.data.demo.sound_writers`): an unlabelled pretraining corpus and a smaller
    labelled world in the ESC-50 layout (another world seed), for fine-tuning;
-2. ``mdm data shards --from audio-jsonl``: audio shards of the pretraining corpus;
+2. ``mdm data shards --from audio-jsonl``: audio shards of the pretraining corpus, and
+   ``mdm data audio-stats``: their per-mel-bin filterbank statistics, the front end's ``mel_stats`` in
+   every later command (tokenizers, pretraining, fine-tuning; docs/audio.md §7);
 3. ``mdm tokenizer train`` — BEATs iteration 1: the random-projection acoustic tokenizer
    (``configs/tokenizer/acoustic_demo_iter1.yaml``), its codebook usage on held-out clips;
 4. ``mdm pretrain`` — AudioMAE (``configs/pretrain/demo_audiomae.yaml``) and BEATs iteration 1
@@ -119,16 +121,22 @@ def stage_worlds(out: Path, plan: AudioPlan, seed: int) -> dict[str, Any]:
     return info
 
 
+def mel_stats_path(out: Path) -> str:
+    """Per-mel-bin statistics of the pretraining corpus (unlabelled clips: no fine-tuning label is seen)."""
+    return f"{out}/shards/mel_stats.json"
+
+
 def stage_shards(out: Path) -> None:
     run_command(["data", "shards", "--from", "audio-jsonl", "--jsonl", f"{out}/world/pretrain/captions.jsonl",
                  "--out", f"{out}/shards/audio", "--max-count", "1000000"])  # fmt: skip
+    run_command(["data", "audio-stats", "--shards", f"{out}/shards/audio", "--out", mel_stats_path(out)])
 
 
 def tokenizer_argv(out: Path, plan: AudioPlan, seed: int, cfg: Path, iteration: int) -> list[str]:
     name = f"iter{iteration}"
     argv = ["tokenizer", "train", "--config", f"{cfg}/tokenizer/acoustic_demo_{name}.yaml", "--no-progress",
             f"out_dir={out}/tokenizers/{name}", f"seed={seed}", f"audio.demo_seed={1000 + seed}",
-            f"audio.demo_duration={plan.duration}"]  # fmt: skip
+            f"audio.demo_duration={plan.duration}", f"audio.frontend.mel_stats={mel_stats_path(out)}"]  # fmt: skip
     if iteration == 2:
         argv += [
             f"audio_teacher.model_dir={out}/pretrain/beats/model",
@@ -141,7 +149,8 @@ def tokenizer_argv(out: Path, plan: AudioPlan, seed: int, cfg: Path, iteration: 
 def pretrain_argv(out: Path, plan: AudioPlan, seed: int, cfg: Path, which: str) -> list[str]:
     argv = ["pretrain", "--config", f"{cfg}/pretrain/demo_{which}.yaml",
             f"data.audio.sources=[{{shards: [{out}/shards/audio]}}]", f"train.out_dir={out}/pretrain/{which}",
-            f"train.seed={seed}", "logging.progress=false", *_frames(plan), *plan.pretrain]  # fmt: skip
+            f"train.seed={seed}", "logging.progress=false", f"data.audio_frontend.mel_stats={mel_stats_path(out)}",
+            *_frames(plan), *plan.pretrain]  # fmt: skip
     if which == "beats":
         argv.append(f"audio_tokenizer={out}/tokenizers/iter1")
     return argv
@@ -155,8 +164,8 @@ def finetune_argv(
     source = f"{out}/{init}" if init != "scratch" else "scratch"
     return ["finetune", "--config", f"{cfg}/finetune/demo_audio.yaml", "--metrics-json", f"{run_dir}/metrics.json",
             f"data.root={out}/world/esc50", f"init={source}", f"model.arch={arch}", f"model.audio_frames={plan.frames}",
-            f"data.audio.frontend.target_frames={plan.frames}", f"train.out_dir={run_dir}", f"train.seed={seed}",
-            "logging.progress=false", *plan.finetune]  # fmt: skip
+            f"data.audio.frontend.target_frames={plan.frames}", f"data.audio.frontend.mel_stats={mel_stats_path(out)}",
+            f"train.out_dir={run_dir}", f"train.seed={seed}", "logging.progress=false", *plan.finetune]  # fmt: skip
 
 
 def run_child(argv: list[str], log_file: Path) -> subprocess.Popen:

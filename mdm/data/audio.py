@@ -23,12 +23,14 @@ an explicit ``random.Random``.
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -63,6 +65,12 @@ class AudioFrontendConfig:
         mean: normalisation mean (None: the style's reference value).
         std: normalisation std; features are ``(fbank - mean) / (2 · std)`` (None: the style's value).
         dither: Kaldi dither (0 in both references; > 0 draws from torch's global RNG).
+        mel_stats: optional path of a JSON file of per-mel-bin statistics of the raw filterbank over a
+            training set (``{"mean": [F floats], "std": [F floats], ...}``, written by
+            :func:`write_mel_stats` / ``mdm data audio-stats``). When set, every bin is normalised with
+            its own statistics, ``(fbank[:, f] - mean[f]) / (2 · std[f])`` (a global per-bin CMVN, with
+            AudioMAE's ``2 · std``), and ``mean``/``std`` are not used. Off by default: the references
+            normalise with two scalars.
     """
 
     style: Literal["beats", "audiomae"] = "beats"
@@ -74,6 +82,7 @@ class AudioFrontendConfig:
     mean: float | None = None
     std: float | None = None
     dither: float = 0.0
+    mel_stats: str = ""
 
     def validate(self) -> None:
         """Raises ValueError on impossible values."""
@@ -85,25 +94,32 @@ class AudioFrontendConfig:
             raise ValueError(
                 f"target_frames {self.target_frames} must be 0 or a positive multiple of {PATCH}"
             )
+        if self.mel_stats:
+            read_mel_stats(self.mel_stats, self)
 
-    def stats(self) -> tuple[float, float]:
-        """(mean, std) in use."""
+    def stats(self) -> tuple[float, float] | tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) in use: two floats, or two (F,) tensors with ``mel_stats``."""
+        if self.mel_stats:
+            return read_mel_stats(self.mel_stats, self)
         mean, std = STYLE_STATS[self.style]
         return (mean if self.mean is None else self.mean, std if self.std is None else self.std)
 
     def normalise(self, fbank: torch.Tensor) -> torch.Tensor:
-        """``(fbank - mean) / (2 · std)``."""
+        """``(fbank - mean) / (2 · std)`` (per bin, over the last dimension, with ``mel_stats``)."""
         mean, std = self.stats()
         return (fbank - mean) / (2 * std)
 
     @property
-    def pad_value(self) -> float:
-        """The normalised value of padded frames, as each reference produces them.
+    def pad_value(self) -> float | torch.Tensor:
+        """The normalised value of padded frames, as each reference produces them: a float, or an (F,)
+        tensor (one value per bin) with ``mel_stats``.
 
         AudioMAE pads the raw filterbank with zeros before normalising; BEATs sees padding as silent
         (zero) samples, whose mel energies sit at Kaldi's floor ``log(eps)``.
         """
         raw = 0.0 if self.style == "audiomae" else _LOG_EPS
+        if self.mel_stats:
+            return self.normalise(torch.full((self.num_mel_bins,), raw))
         mean, std = self.stats()
         return (raw - mean) / (2 * std)
 
@@ -188,7 +204,11 @@ def load_waveform(source: bytes | str | Path, name: str | None, sample_rate: int
 
 # ---------------------------------------------------------------------------------------------- features
 def compute_fbank(
-    waveform: torch.Tensor, sample_rate: int, cfg: AudioFrontendConfig, name: str = "<waveform>"
+    waveform: torch.Tensor,
+    sample_rate: int,
+    cfg: AudioFrontendConfig,
+    name: str = "<waveform>",
+    raw: bool = False,
 ) -> torch.Tensor:
     """The normalised log-mel filterbank of one mono clip, exactly as the ``cfg.style`` reference.
 
@@ -197,6 +217,7 @@ def compute_fbank(
         sample_rate: its rate (resampled to ``cfg.sample_rate`` first when different).
         cfg: the front end.
         name: what to call the clip in errors.
+        raw: return the log-mel filterbank before normalisation.
 
     Returns:
         (T, F) float32, T = 1 + (N - frame) // shift frames (Kaldi's ``snip_edges``), F = num_mel_bins.
@@ -223,16 +244,18 @@ def compute_fbank(
         fbank = kaldi.fbank(w * 2**15, **common)
     else:
         fbank = kaldi.fbank(w - w.mean(), htk_compat=True, use_energy=False, window_type="hanning", **common)
-    return cfg.normalise(fbank)  # (T, F)
+    return fbank if raw else cfg.normalise(fbank)  # (T, F)
 
 
-def pad_or_crop(fbank: torch.Tensor, target: int, pad_value: float = 0.0) -> tuple[torch.Tensor, int]:
+def pad_or_crop(
+    fbank: torch.Tensor, target: int, pad_value: float | torch.Tensor = 0.0
+) -> tuple[torch.Tensor, int]:
     """Pads (at the end) or crops (from the start) a (T, F) filterbank in time.
 
     Args:
         fbank: (T, F).
         target: frames wanted; 0 pads up to the next multiple of 16.
-        pad_value: value of padded frames (:attr:`AudioFrontendConfig.pad_value`).
+        pad_value: value of padded frames, a float or one per bin (:attr:`AudioFrontendConfig.pad_value`).
 
     Returns:
         ((target, F) filterbank, number of real frames in it).
@@ -242,7 +265,7 @@ def pad_or_crop(fbank: torch.Tensor, target: int, pad_value: float = 0.0) -> tup
         target = max(-(-T // PATCH) * PATCH, PATCH)
     if T >= target:
         return fbank[:target], target
-    pad = fbank.new_full((target - T, fbank.shape[1]), pad_value)
+    pad = torch.as_tensor(pad_value, dtype=fbank.dtype).expand(target - T, fbank.shape[1])
     return torch.cat([fbank, pad]), T
 
 
@@ -256,7 +279,7 @@ def load_fbank(
 
 
 def collate_fbanks(
-    fbanks: list[torch.Tensor], n_valid: list[int], pad_value: float
+    fbanks: list[torch.Tensor], n_valid: list[int], pad_value: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stacks (T_i, F) filterbanks, padding to the longest (a multiple of 16).
 
@@ -281,6 +304,110 @@ def patch_padding_mask(frame_padding: torch.Tensor, freq_patches: int, patch: in
     B, T = frame_padding.shape
     time_pad = frame_padding[:, : T // patch * patch].reshape(B, T // patch, patch).all(-1)  # (B, T/16)
     return time_pad.repeat_interleave(freq_patches, dim=1)  # (B, P)
+
+
+# ---------------------------------------------------------------------------------------------- per-bin statistics
+#: Floor under a bin's std in :func:`mel_bin_stats` (raw log-mel units): with 128 bins at 16 kHz the lowest
+#: mel filters can hold no FFT bin and sit at Kaldi's floor for every clip (std ~0); they stay ~0.
+MEL_STD_FLOOR = 0.1
+
+
+class MelStats:
+    """Accumulates per-mel-bin mean and std of raw filterbanks, over real frames only (float64 sums)."""
+
+    def __init__(self, num_mel_bins: int) -> None:
+        self.n = 0
+        self.s = torch.zeros(num_mel_bins, dtype=torch.float64)
+        self.s2 = torch.zeros(num_mel_bins, dtype=torch.float64)
+        self.clips = 0
+
+    def add(self, raw: torch.Tensor) -> None:
+        """One clip's (T, F) raw filterbank."""
+        x = raw.double()
+        self.n += x.shape[0]
+        self.s += x.sum(0)
+        self.s2 += (x * x).sum(0)
+        self.clips += 1
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (F,), std (F,) floored at :data:`MEL_STD_FLOOR`), float32."""
+        if self.n == 0:
+            raise ValueError("per-bin statistics of no frame")
+        mean = self.s / self.n
+        var = (self.s2 / self.n - mean * mean).clamp(min=0.0)
+        return mean.float(), var.sqrt().clamp(min=MEL_STD_FLOOR).float()
+
+
+def write_mel_stats(
+    sources: list[tuple[str, bytes | str | Path]], cfg: AudioFrontendConfig, out: str | Path
+) -> dict[str, Any]:
+    """Per-mel-bin statistics of the raw filterbanks of ``sources`` ((name, bytes or path) pairs) with
+    the front end ``cfg`` (its style and frame settings; its normalisation is not used), written to
+    ``out`` as JSON for :attr:`AudioFrontendConfig.mel_stats`. Clips that cannot be decoded are skipped
+    and counted. Returns what was written."""
+    acc = MelStats(cfg.num_mel_bins)
+    skipped = 0
+    for name, src in sources:
+        try:
+            wav = load_waveform(src, name, cfg.sample_rate)
+            acc.add(compute_fbank(wav, cfg.sample_rate, cfg, name, raw=True))
+        except AudioReadError:
+            skipped += 1
+    mean, std = acc.result()
+    meta = {
+        "format": "mdm-mel-stats",
+        "style": cfg.style,
+        "num_mel_bins": cfg.num_mel_bins,
+        "sample_rate": cfg.sample_rate,
+        "clips": acc.clips,
+        "frames": acc.n,
+        "skipped": skipped,
+        "std_floor": MEL_STD_FLOOR,
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+@functools.lru_cache(maxsize=8)
+def _read_mel_stats(path: str, mtime: float) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    try:
+        meta = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"audio front end mel_stats: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"audio front end mel_stats: {path} is not JSON ({e})") from None
+    if not isinstance(meta, dict) or not {"mean", "std"} <= set(meta):
+        raise ValueError(f"audio front end mel_stats: {path} has no 'mean' and 'std' lists")
+    mean = torch.tensor(meta["mean"], dtype=torch.float32)
+    std = torch.tensor(meta["std"], dtype=torch.float32)
+    if mean.ndim != 1 or mean.shape != std.shape or not bool((std > 0).all()):
+        raise ValueError(
+            f"audio front end mel_stats: {path}: mean and std must be lists of one positive std per bin"
+        )
+    return meta, mean, std
+
+
+def read_mel_stats(path: str | Path, cfg: AudioFrontendConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (F,), std (F,)) of a :func:`write_mel_stats` file, checked against ``cfg`` (bins, style)."""
+    path = str(path)
+    try:
+        mtime = Path(path).stat().st_mtime
+    except FileNotFoundError:
+        raise FileNotFoundError(f"audio front end mel_stats: {path} not found") from None
+    meta, mean, std = _read_mel_stats(path, mtime)
+    if mean.shape[0] != cfg.num_mel_bins:
+        raise ValueError(
+            f"audio front end mel_stats: {path} has {mean.shape[0]} bins, the front end {cfg.num_mel_bins}"
+        )
+    if meta.get("style", cfg.style) != cfg.style:
+        raise ValueError(
+            f"audio front end mel_stats: {path} was computed with style {meta['style']!r}, not {cfg.style!r}"
+        )
+    return mean, std
 
 
 # ---------------------------------------------------------------------------------------------- masking

@@ -7,6 +7,11 @@ mdm data shards --from text --text wiki.txt books.txt --out shards/text
 mdm data shards --from audio-folder --audio clips/ --out shards/audio
 mdm data shards --from audio-jsonl --jsonl captions.jsonl --out shards/audio_text
 mdm data shards --from esc50 --root ESC-50-master --out shards/esc50
+
+``mdm data audio-stats``: per-mel-bin mean and std of the raw filterbanks of audio shards, for the front
+end's ``mel_stats`` option (a per-bin dataset normalisation; off unless a config names the file):
+
+mdm data audio-stats --shards shards/audio --out shards/audio/mel_stats.json [--style beats] [--limit N]
 """
 
 from __future__ import annotations
@@ -61,7 +66,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", nargs="+", help="text files, one sample per non-empty line (--from text)")
     s.add_argument("--out", required=True, help="output directory (shard-NNNNNN.tar + index.json)")
     s.add_argument("--max-count", type=int, default=10_000, help="samples per shard")
+    a = sub.add_parser(
+        "audio-stats",
+        help="per-mel-bin filterbank statistics of audio shards (for audio_frontend.mel_stats)",
+        description="Per-mel-bin mean and std of the raw log-mel filterbanks of the clips in audio shards "
+        "(real frames only), written as JSON for the front end's mel_stats option.",
+    )
+    a.add_argument("--shards", nargs="+", required=True, help="shard directories, files or globs")
+    a.add_argument("--out", required=True, help="output JSON file")
+    a.add_argument("--style", choices=["beats", "audiomae"], default="beats", help="front end style")
+    a.add_argument("--limit", type=int, default=0, help="at most this many clips (0: all)")
     return p
+
+
+def audio_stats(args: argparse.Namespace) -> int:
+    from mdm.data.audio import AUDIO_EXTS, AudioFrontendConfig, write_mel_stats
+    from mdm.data.shard_reader import expand_shards, iter_tar_samples
+
+    def clips():
+        n = 0
+        for shard in expand_shards(args.shards, "--shards"):
+            for _, sample in iter_tar_samples(shard):
+                ext = next((e for e in AUDIO_EXTS if e in sample), None)
+                if ext is None:
+                    continue
+                if args.limit and n >= args.limit:
+                    return
+                n += 1
+                yield f"{shard}:{sample['__key__']}.{ext}", sample[ext]
+
+    try:
+        meta = write_mel_stats(list(clips()), AudioFrontendConfig(style=args.style), args.out)
+    except (OSError, ValueError) as e:
+        print(f"mdm data audio-stats: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote per-bin statistics of {meta['clips']} clips ({meta['frames']} frames, skipped "
+        f"{meta['skipped']}) to {args.out}"
+    )
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -69,6 +112,8 @@ def main(argv: list[str]) -> int:
     from mdm.data import shards as S
 
     args = build_parser().parse_args(argv)
+    if args.cmd == "audio-stats":
+        return audio_stats(args)
     missing = [f"--{n}" for n in NEEDS[args.source] if not getattr(args, n)]
     if missing:
         print(f"mdm data shards: --from {args.source} needs {' and '.join(missing)}", file=sys.stderr)

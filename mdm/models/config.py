@@ -73,6 +73,10 @@ class ModelConfig:
         audio_patch_size: side of a square spectrogram patch (16 × 16 over time × frequency).
         audio_pos_trainable: learn the audio positions (initialised to 2-D sine-cosine); False keeps
             them fixed, as AudioMAE (a buffer, still saved, so an imported table is used as it is).
+        audio_pos_scale: factor on the initial sine-cosine audio table (1 = AudioMAE's). The table's
+            entries are ±1 whatever the input; a small model on low-contrast spectrograms can set it
+            below 1 so that patch content is not drowned by positions (the tiny demo presets use 0.1,
+            see docs/audio.md §7). Only the initial table: loaded weights keep their own.
         unpad: compute only on the real tokens of padded input (text with a padding mask): they are
             packed into one (n_real, D) matrix at the embedding and scattered to the padded layout for
             attention only (:mod:`mdm.models.layers.packing`). Outputs are the same as without it (the
@@ -104,6 +108,7 @@ class ModelConfig:
     audio_mel_bins: int = 128
     audio_patch_size: int = 16
     audio_pos_trainable: bool = False
+    audio_pos_scale: float = 1.0
     unpad: bool = True
 
     @classmethod

@@ -155,7 +155,7 @@ class MultiwayTransformer(nn.Module):
         if cfg.has_audio:
             self.audio_embed = AudioPatchEmbed(cfg.audio_patch_size, D)
             # row 0 = [CLS], rows 1.. = patches time-major (t · F/p + f); AudioMAE's pos_embed layout
-            table = audio_pos_table(*cfg.audio_grid(), D)  # (1 + P, D)
+            table = audio_pos_table(*cfg.audio_grid(), D) * cfg.audio_pos_scale  # (1 + P, D)
             if cfg.audio_pos_trainable:
                 self.audio_pos_embed = nn.Parameter(table)
             else:

@@ -161,16 +161,18 @@ def read_segments(path: Path, mids: list[str], audio_dir: Path, problems: Proble
 
 
 # ---------------------------------------------------------------------------------------------- dataset
-def spec_augment(fbank: torch.Tensor, freqm: int, timem: int, fill: float) -> torch.Tensor:
-    """One frequency and one time mask on a (T, F) filterbank (global torch RNG: worker-seeded)."""
+def spec_augment(fbank: torch.Tensor, freqm: int, timem: int, fill: float | torch.Tensor) -> torch.Tensor:
+    """One frequency and one time mask on a (T, F) filterbank (global torch RNG: worker-seeded); ``fill``
+    is one value or one per bin (a per-bin normalised front end)."""
     x = fbank.clone()
+    fill = torch.as_tensor(fill, dtype=x.dtype).expand(x.shape[1])  # (F,)
     for dim, width in ((1, freqm), (0, timem)):
         if width <= 0:
             continue
         w = int(torch.rand(()) * width)
         start = int(torch.rand(()) * (x.shape[dim] - w))
         if dim == 1:
-            x[:, start : start + w] = fill
+            x[:, start : start + w] = fill[start : start + w]
         else:
             x[start : start + w] = fill
     return x
@@ -200,7 +202,7 @@ class ClipDataset(Dataset):
         fe = audio.frontend
         scale = (fe.target_frames or 1024) / 1024
         self.timem = int(round(audio.timem * scale))
-        self.fill = fe.normalise(torch.zeros(())).item()
+        self.fill = fe.normalise(torch.zeros(fe.num_mel_bins))  # (F,): raw 0, normalised
 
     def __len__(self) -> int:
         return len(self.items)
