@@ -135,3 +135,24 @@ def test_seed_lists_and_the_holds_rule():
     assert SeedRow("vqav2", "vqa_acc", [56.0, 57.0, 58.0], [50.0, 51.0, 50.0]).holds
     assert not SeedRow("nlvr2", "nlvr2_acc", [64.0, 67.0, 64.0], [64.5, 50.0, 63.0]).holds  # one seed loses
     assert not SeedRow("r", "r_mean", [60.0, 70.0], [59.0, 55.0]).holds  # mean 8 < spread 9.9
+
+
+@pytest.mark.parametrize(
+    "flag, objectives, pair_mask", [("--mdm-only", ["mim", "mlm", "mvlm"], 0.15), ("--itc", None, None)]
+)
+def test_objective_flags_give_the_pretraining_recipe(flag, objectives, pair_mask):
+    """``--mdm-only`` is the recipe docs/demo.md measured (no ITC, pair captions masked 15 %, not BEiT-3's
+    50 %); ``--itc`` keeps the streams' own masks. Checked on the config the demo's overrides produce."""
+    from mdm.config import load_config
+    from mdm.demo import MDM_ONLY, WITH_ITC, configs_dir
+    from mdm.train.pretrain import PretrainConfig
+
+    overrides = MDM_ONLY if flag == "--mdm-only" else WITH_ITC
+    base = load_config(PretrainConfig, configs_dir() / "pretrain/demo_vlmo.yaml")
+    cfg = load_config(PretrainConfig, configs_dir() / "pretrain/demo_vlmo.yaml", list(overrides))
+    assert list(cfg.objectives.objectives) == (objectives or ["mim", "mlm", "mvlm", "itc"])
+    assert cfg.data.pair.text_mask_ratio == (
+        pair_mask if pair_mask is not None else base.data.pair.text_mask_ratio
+    )
+    # the text stream keeps its own mask (BEiT-3's 0.15 for texts)
+    assert cfg.data.text.text_mask_ratio == base.data.text.text_mask_ratio
