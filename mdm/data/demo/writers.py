@@ -9,6 +9,7 @@ Layout under ``root`` (each part in its dataset's published format, see ``docs/f
     vqav2/ ...                         VQAv2: questions/annotations JSON + COCO_<split>_<id>.jpg
     nlvr2/ ...                         NLVR2: {train,dev,test1}.json + images/train/<dir>/..-img0.png
     retrieval/ ...                     Karpathy: dataset_coco.json + val2014/COCO_val2014_<id>.jpg
+                                       (captions that identify their image, see DemoSizes.retrieval_captions)
 
 Every family of scenes comes from its own tag (:func:`~mdm.data.demo.scenes.make_scenes`), so the
 pretraining, fine-tuning and evaluation images never overlap, and each text from an RNG seeded by the
@@ -25,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from mdm.data.demo import language as L
+from mdm.data.demo.identifying import Description, distinct_scenes, identifying_captions
 from mdm.data.demo.scenes import Scene, make_scenes, render
 
-__all__ = ["DemoSizes", "QUICK", "FULL", "write_demo_dataset"]
+__all__ = ["DemoSizes", "QUICK", "FULL", "RETRIEVAL_CAPTIONS", "write_demo_dataset"]
 
 log = logging.getLogger(__name__)
 HUMANS = 10  # VQAv2 has ten answers per question
@@ -47,6 +49,11 @@ class DemoSizes:
         nlvr2_train / nlvr2_dev: NLVR2 image pairs (one true and one false sentence each).
         retrieval_train / retrieval_val / retrieval_test: Karpathy images (``captions_per_image`` each).
         captions_per_image: captions per retrieval/pretraining image.
+        retrieval_captions: ``"identifying"``: every retrieval caption names every object with size,
+            colour, shape and position, and no two retrieval images (of any split) share that
+            description (:mod:`mdm.data.demo.identifying`); ``"paraphrases"``: the pretraining captions'
+            paraphrases, some true of many scenes, on scenes drawn independently. Pretraining captions are
+            the paraphrases either way.
     """
 
     image_size: int = 48
@@ -62,8 +69,10 @@ class DemoSizes:
     retrieval_val: int = 100
     retrieval_test: int = 100
     captions_per_image: int = 5
+    retrieval_captions: str = "identifying"
 
 
+RETRIEVAL_CAPTIONS = ("identifying", "paraphrases")
 FULL = DemoSizes()
 QUICK = DemoSizes(
     pretrain_pairs=400,
@@ -182,18 +191,32 @@ def write_nlvr2(root: Path, sizes: DemoSizes, seed: int) -> dict[str, int]:
 
 
 def write_karpathy(root: Path, sizes: DemoSizes, seed: int) -> dict[str, int]:
-    """``dataset_coco.json`` (Karpathy splits) with images under ``val2014/``."""
+    """``dataset_coco.json`` (Karpathy splits) with images under ``val2014/``.
+
+    With ``sizes.retrieval_captions == "identifying"`` the splits are drawn in the order train, val,
+    test, and a scene whose description an earlier scene of any split has is redrawn; so train does not
+    depend on the sizes of val and test, and no val or test caption is also a training caption.
+    """
+    if sizes.retrieval_captions not in RETRIEVAL_CAPTIONS:
+        raise ValueError(
+            f"DemoSizes.retrieval_captions must be one of {RETRIEVAL_CAPTIONS}, got {sizes.retrieval_captions!r}"
+        )
+    identifying = sizes.retrieval_captions == "identifying"
+    taken: set[Description] = set()
     items, counts = [], {}
     for split, n in (
         ("train", sizes.retrieval_train),
         ("val", sizes.retrieval_val),
         ("test", sizes.retrieval_test),
     ):
-        for k, scene in enumerate(make_scenes(n, seed, f"retrieval-{split}")):
+        tag = f"retrieval-{split}"
+        scenes = distinct_scenes(n, seed, tag, taken) if identifying else make_scenes(n, seed, tag)
+        for k, scene in enumerate(scenes):
             cocoid = len(items) + 1
             name = f"COCO_val2014_{cocoid:012d}.jpg"
             _save(scene, root / "val2014" / name, sizes.image_size)
-            texts = L.captions(scene, sizes.captions_per_image, _rng(seed, f"retrieval-{split}", k))
+            caption = identifying_captions if identifying else L.captions
+            texts = caption(scene, sizes.captions_per_image, _rng(seed, tag, k))
             sentences = [
                 {"raw": t, "tokens": t.replace(",", "").replace(";", "").split(), "imgid": len(items)}
                 for t in texts
