@@ -214,6 +214,9 @@ class FinetuneConfig:
         eval_batch_size: evaluation batch per process.
         epochs: when > 0, ``train.steps`` = epochs × optimizer steps per epoch.
         warmup_epochs: when > 0, ``optim.warmup_steps`` = warmup_epochs × optimizer steps per epoch.
+        freeze_backbone_epochs: when > 0, ``optim.freeze_backbone_steps`` = this × optimizer steps per
+            epoch: LP-FT, only the head trains for these first epochs, then everything
+            (docs/finetune.md).
         eval_every: validate every N optimizer steps (0 = only at the end).
         optim: AdamW, layer-wise lr decay, head lr multiplier (``optim.head_prefixes``), schedule.
         train: the loop (steps, checkpoints, resume, output directory).
@@ -230,6 +233,7 @@ class FinetuneConfig:
     eval_batch_size: int = 64
     epochs: float = 0.0
     warmup_epochs: float = 0.0
+    freeze_backbone_epochs: float = 0.0
     eval_every: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
