@@ -159,7 +159,9 @@ class TaskConfig:
             of each modality (vision [CLS], text [bos]), as BEiT-3 and VLMo. ``mean``: the mean of the
             patch tokens and of the real text tokens, as BEiT v1 fine-tunes classification — masked data
             modeling never trains the [CLS] output directly, so a short fine-tuning of a small model
-            starts from more information with ``mean``.
+            starts from more information with ``mean``. audio_classification: ``mean`` or ``cls`` as
+            these, or ``max`` / ``mean_max`` (the element-wise maximum of the non-padding patch tokens,
+            or its sum with their mean; audio_classification only).
         caption_mask_prob: captioning: fraction of caption tokens (after [bos], [eos] included) replaced
             for the masked-token loss, at least one (unilm ``captioning_mask_prob``: 0.6; its README: 0.7).
         mask_token_id: captioning: the [MASK] id (-1 = the text tokenizer's ``mask_id``).
@@ -186,7 +188,7 @@ class TaskConfig:
     rerank_k: int = 0
     rerank_batch_size: int = 64
     rerank_itm_scale: float | Literal["auto"] = 1.0
-    pool: Literal["cls", "mean"] = "cls"
+    pool: Literal["cls", "mean", "max", "mean_max"] = "cls"
     caption_mask_prob: float = 0.6
     mask_token_id: int = -1
     beam_size: int = 3
