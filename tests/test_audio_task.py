@@ -28,6 +28,7 @@ from mdm.tasks.audio_classification import (
     average_precision,
     mean_average_precision,
     mixup,
+    pooled_audio_features,
 )
 from mdm.tasks.audio_data import spec_augment
 from mdm.tasks.common import RecordError
@@ -232,6 +233,30 @@ def test_head_pools_real_patches_and_trains(backbone):
     assert torch.isfinite(
         multi({"audio": audio, "labels": torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])})["loss"]
     )
+
+
+def test_max_and_mean_max_pools_skip_padding():
+    torch.manual_seed(0)
+    net = StandIn()
+    audio = torch.randn(2, 64, 64)
+    pad = torch.zeros(2, 64, dtype=torch.bool)
+    pad[1, 32:] = True  # clip 1: the second half of its frames is padding
+    batch = {"audio": audio, "audio_padding_mask": pad}
+    with torch.no_grad():
+        patches = net(audio)[:, 1:]  # (2, 16, D): 4 time × 4 frequency patches, time-major
+        real = [patches[0], patches[1, :8]]  # clip 1's real patches: the first two time rows
+        peak = pooled_audio_features(net, batch, "max")
+        both = pooled_audio_features(net, batch, "mean_max")
+        mean = pooled_audio_features(net, batch, "mean")
+        for b in range(2):
+            assert torch.allclose(peak[b], real[b].amax(0))
+            assert torch.allclose(mean[b], real[b].mean(0))
+        assert torch.allclose(both, peak + mean)
+        louder = dict(batch, audio=audio.clone())
+        louder["audio"][1, 32:] = 100.0  # padded frames never reach the maximum
+        assert torch.allclose(pooled_audio_features(net, louder, "max")[1], peak[1])
+    with pytest.raises(ValueError, match="task.pool"):
+        pooled_audio_features(net, batch, "median")
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -51,10 +51,17 @@ class ToyModel(nn.Module):
         return {"loss": err, "mse_loss": err}
 
 
-def _run(tmp_path, steps, stop_after=0, nan_at=None, max_bad=5, resume="auto", accum=1):
+def _run(tmp_path, steps, stop_after=0, nan_at=None, max_bad=5, resume="auto", accum=1, freeze=0):
     torch.manual_seed(123)  # model init
     model = ToyModel()
-    optim = OptimConfig(lr=1e-2, warmup_steps=2, weight_decay=0.01, clip_grad=1.0)
+    optim = OptimConfig(
+        lr=1e-2,
+        warmup_steps=2,
+        weight_decay=0.01,
+        clip_grad=1.0,
+        head_prefixes=["net.3."],
+        freeze_backbone_steps=freeze,
+    )
     opt = build_optimizer(model, optim, num_layers=0)
     train = TrainConfig(
         steps=steps,
@@ -95,6 +102,34 @@ def test_resume_with_grad_accumulation(tmp_path):
     _run(tmp_path / "b", steps=6, stop_after=4, accum=2)
     resumed, _ = _run(tmp_path / "b", steps=6, accum=2)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def test_freeze_backbone_steps_trains_only_the_head_then_everything_and_resumes(tmp_path):
+    torch.manual_seed(123)
+    init = {k: v.clone() for k, v in ToyModel().state_dict().items()}
+    _, held = _run(tmp_path / "a", steps=10, stop_after=4, freeze=5)  # killed inside the freeze
+    sd = held.model.state_dict()
+    assert torch.equal(sd["net.0.weight"], init["net.0.weight"])  # no update, no weight decay
+    assert torch.equal(sd["net.0.bias"], init["net.0.bias"])
+    assert not torch.equal(sd["net.3.weight"], init["net.3.weight"])  # the head moved
+    resumed, done = _run(tmp_path / "a", steps=10, freeze=5)
+    straight, _ = _run(tmp_path / "b", steps=10, freeze=5)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert not torch.equal(done.model.state_dict()["net.0.weight"], init["net.0.weight"])  # thawed
+    plain, _ = _run(tmp_path / "c", steps=10)
+    assert [r["loss"] for r in plain] != [r["loss"] for r in straight]
+
+
+def test_group_lr_holds_the_backbone_groups():
+    from mdm.distributed.strategy import group_lr
+
+    groups = param_groups(ToyModel(), OptimConfig(head_prefixes=["net.3."], freeze_backbone_steps=3), 0)
+    hold = {n: g["hold_steps"] for g in groups for n in g["names"]}
+    assert hold == {"net.0.weight": 3, "net.0.bias": 3, "net.3.weight": 0, "net.3.bias": 0}
+    body = next(g for g in groups if g["hold_steps"])
+    assert group_lr(body, 1e-3, 2) == 0.0 and group_lr(body, 1e-3, 3) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="head_prefixes"):
+        param_groups(ToyModel(), OptimConfig(head_prefixes=["nohead."], freeze_backbone_steps=3), 0)
 
 
 def test_checkpoints_rotate_and_tmp_is_ignored(tmp_path):

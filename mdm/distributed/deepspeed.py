@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mdm.distributed.strategy import DistributedConfig, Strategy, init_process_group, use_fused_adamw
+from mdm.distributed.strategy import (
+    DistributedConfig,
+    Strategy,
+    group_lr,
+    init_process_group,
+    use_fused_adamw,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +196,9 @@ class DeepSpeedStrategy(Strategy):
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float, step: int = 0) -> None:
         for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = group_lr(g, lr, step)
 
     def close(self) -> None:
         """Tears the process group down through ``deepspeed.comm``, which also drops the groups DeepSpeed

@@ -21,6 +21,14 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def group_lr(group: dict, lr: float, step: int) -> float:
+    """The lr of one optimizer group at ``step``: ``lr`` × its ``lr_scale``, or 0 while ``step`` is under
+    its ``hold_steps`` (``optim.freeze_backbone_steps``, :mod:`mdm.train.optim`)."""
+    if step < group.get("hold_steps", 0):
+        return 0.0
+    return lr * group.get("lr_scale", 1.0)
+
+
 @dataclass
 class DistributedConfig:
     """How to run across processes.
@@ -237,11 +245,12 @@ class Strategy:
 
         return contextlib.nullcontext()
 
-    def set_lr(self, lr: float) -> None:
-        """Sets every param group's lr to ``lr`` × the group's ``lr_scale``."""
+    def set_lr(self, lr: float, step: int = 0) -> None:
+        """Sets every param group's lr to ``lr`` × the group's ``lr_scale`` (0 while a group's
+        ``hold_steps`` exceed ``step``: :func:`group_lr`)."""
         assert self.optimizer is not None
         for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = group_lr(g, lr, step)
 
     # -- checkpoint ---------------------------------------------------------------------------
     def save(self, directory: str) -> None:

@@ -10,7 +10,9 @@ Model: any backbone with the audio API — ``backbone(audio=(B, T, F), audio_pad
 either a Multiway Transformer with an audio expert (output (B, 1 + P, D), audio [CLS] first) or an
 encoder without [CLS] such as :class:`mdm.models.beats.BEATsEncoder` (``has_audio_cls = False``; output
 ``(features (B, P, D), patch padding (B, P))``). ``task.pool``: ``mean`` (the mean of the non-padding
-patch tokens, AudioMAE's ``global_pool`` and BEATs' predictor) or ``cls``. Head: ``fc_norm`` (LayerNorm)
+patch tokens, AudioMAE's ``global_pool`` and BEATs' predictor), ``max`` (their element-wise maximum),
+``mean_max`` (the sum of the two, PANNs' global pooling: Kong et al. 2020) or ``cls``. A short event in a
+long clip is diluted by the mean and kept by the maximum (docs/audio.md §7.3). Head: ``fc_norm`` (LayerNorm)
 → ``head`` (Linear(D, C), scaled by ``task.head_init_scale``). Loss: cross-entropy (soft targets under
 mixup, label smoothing otherwise) or BCE for multi-label. Metrics: ``acc`` (top-1 ×100) and ``mAP``
 (×100; macro average precision over the classes that have a positive, as AudioSet papers compute it with
@@ -152,12 +154,20 @@ def pooled_audio_features(backbone: nn.Module, batch: dict[str, Any], pool: str)
                 f"task.pool=cls: {type(backbone).__name__} has no audio [CLS]; use task.pool=mean"
             )
         return cls
-    if pool != "mean":
-        raise ValueError(f"task.pool must be 'mean' or 'cls', got {pool!r}")
-    if pad is None:
+    if pool not in ("mean", "max", "mean_max"):
+        raise ValueError(f"task.pool must be 'mean', 'max', 'mean_max' or 'cls', got {pool!r}")
+    if pad is None and pool == "mean":
         return patches.mean(1)
+    if pad is None:
+        pad = torch.zeros(patches.shape[:2], dtype=torch.bool, device=patches.device)
     keep = (~pad).unsqueeze(-1).to(patches.dtype)  # (B, P, 1)
-    return (patches * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+    mean = (patches * keep).sum(1) / keep.sum(1).clamp(min=1.0)  # (B, D)
+    if pool == "mean":
+        return mean
+    # a clip of nothing but padding has no maximum: 0 (its mean is 0 too)
+    peak = patches.masked_fill(pad.unsqueeze(-1), float("-inf")).amax(1)  # (B, D)
+    peak = torch.where(keep.sum(1) > 0, peak, torch.zeros_like(peak))
+    return peak if pool == "max" else mean + peak
 
 
 class AudioClassificationModel(TaskModel):
@@ -167,7 +177,7 @@ class AudioClassificationModel(TaskModel):
         backbone: a backbone with the audio API.
         num_classes: classes C.
         multilabel: BCE on multi-hot targets instead of cross-entropy.
-        pool: ``mean`` or ``cls``.
+        pool: ``mean``, ``max``, ``mean_max`` or ``cls`` (see the module docstring).
         init_scale: factor on the head's weights and bias after init.
         label_smoothing: cross-entropy label smoothing (without mixup; with mixup it is in the targets).
     """

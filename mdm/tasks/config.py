@@ -159,7 +159,9 @@ class TaskConfig:
             of each modality (vision [CLS], text [bos]), as BEiT-3 and VLMo. ``mean``: the mean of the
             patch tokens and of the real text tokens, as BEiT v1 fine-tunes classification — masked data
             modeling never trains the [CLS] output directly, so a short fine-tuning of a small model
-            starts from more information with ``mean``.
+            starts from more information with ``mean``. audio_classification: ``mean`` or ``cls`` as
+            these, or ``max`` / ``mean_max`` (the element-wise maximum of the non-padding patch tokens,
+            or its sum with their mean; audio_classification only).
         caption_mask_prob: captioning: fraction of caption tokens (after [bos], [eos] included) replaced
             for the masked-token loss, at least one (unilm ``captioning_mask_prob``: 0.6; its README: 0.7).
         mask_token_id: captioning: the [MASK] id (-1 = the text tokenizer's ``mask_id``).
@@ -186,7 +188,7 @@ class TaskConfig:
     rerank_k: int = 0
     rerank_batch_size: int = 64
     rerank_itm_scale: float | Literal["auto"] = 1.0
-    pool: Literal["cls", "mean"] = "cls"
+    pool: Literal["cls", "mean", "max", "mean_max"] = "cls"
     caption_mask_prob: float = 0.6
     mask_token_id: int = -1
     beam_size: int = 3
@@ -214,6 +216,9 @@ class FinetuneConfig:
         eval_batch_size: evaluation batch per process.
         epochs: when > 0, ``train.steps`` = epochs × optimizer steps per epoch.
         warmup_epochs: when > 0, ``optim.warmup_steps`` = warmup_epochs × optimizer steps per epoch.
+        freeze_backbone_epochs: when > 0, ``optim.freeze_backbone_steps`` = this × optimizer steps per
+            epoch: LP-FT, only the head trains for these first epochs, then everything
+            (docs/finetune.md).
         eval_every: validate every N optimizer steps (0 = only at the end).
         optim: AdamW, layer-wise lr decay, head lr multiplier (``optim.head_prefixes``), schedule.
         train: the loop (steps, checkpoints, resume, output directory).
@@ -230,6 +235,7 @@ class FinetuneConfig:
     eval_batch_size: int = 64
     epochs: float = 0.0
     warmup_epochs: float = 0.0
+    freeze_backbone_epochs: float = 0.0
     eval_every: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -156,6 +156,8 @@ def run_finetune(cfg, metrics_json: str | None = None) -> dict[str, float]:
         cfg.train.steps = max(int(math.ceil(cfg.epochs * per_epoch)), 1)
     if cfg.warmup_epochs > 0:
         cfg.optim.warmup_steps = int(cfg.warmup_epochs * per_epoch)
+    if cfg.freeze_backbone_epochs > 0:
+        cfg.optim.freeze_backbone_steps = int(cfg.freeze_backbone_epochs * per_epoch)
     from mdm.train.optim import apply_trainable, build_optimizer
 
     apply_trainable(model, cfg.optim)

@@ -279,7 +279,7 @@ class Trainer:
         started = 0
         while self.step < total:
             lr = lr_at(self.step, self.optim, total)
-            self.strategy.set_lr(lr)
+            self.strategy.set_lr(lr, self.step)
             acc: dict[str, float] = {}
             ok = True
             for _ in range(self.train.grad_accum):

@@ -5,6 +5,14 @@ Layer-wise decay follows BEiT / unilm ``optim_factory``: with L layers, embeddin
 ``i`` gets ``i + 1``, everything after the last layer (final norm, heads) ``L + 1``; the lr scale is
 ``layer_decay ** (L + 1 - layer_id)``. VLMo's stage-wise schedule is expressed with ``trainable`` /
 ``frozen`` name patterns.
+
+``freeze_backbone_steps`` is LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and
+Underperform Out-of-Distribution"): for the first N steps only the head (``head_prefixes``) moves, then
+everything. The backbone's groups carry ``hold_steps`` and get lr 0 before it
+(:func:`mdm.distributed.strategy.group_lr`), so the freeze is a function of the step alone: a resumed run
+freezes and thaws where an uninterrupted one does, under every strategy (the parameters stay in the
+optimizer and their gradients are still computed, so AdamW's moments run on; lr 0 also stops weight
+decay).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ class OptimConfig:
         clip_grad: max global gradient norm (0 = off).
         trainable: regexes; when non-empty, only matching parameters train (e.g. VLMo's text stage).
         frozen: regexes of parameters that do not train.
+        freeze_backbone_steps: LP-FT: parameters outside ``head_prefixes`` get lr 0 for this many
+            steps (the schedule runs on; they then follow it). 0 = off.
     """
 
     lr: float = 1e-3
@@ -61,6 +71,7 @@ class OptimConfig:
     clip_grad: float = 3.0
     trainable: list[str] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    freeze_backbone_steps: int = 0
 
 
 def layer_id(name: str, num_layers: int) -> int:
@@ -110,14 +121,24 @@ def param_groups(model: nn.Module, cfg: OptimConfig, num_layers: int) -> list[di
             continue
         no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
         scale = cfg.layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
-        if any(name.startswith(h) for h in cfg.head_prefixes):
+        head = any(name.startswith(h) for h in cfg.head_prefixes)
+        if head:
             scale *= cfg.head_lr_mult
         wd = 0.0 if no_decay else cfg.weight_decay
-        g = groups.setdefault((scale, wd), {"params": [], "names": [], "lr_scale": scale, "weight_decay": wd})
+        hold = 0 if head else cfg.freeze_backbone_steps
+        g = groups.setdefault(
+            (scale, wd, hold),
+            {"params": [], "names": [], "lr_scale": scale, "weight_decay": wd, "hold_steps": hold},
+        )
         g["params"].append(p)
         g["names"].append(name)
     if not groups:
         raise ValueError("no trainable parameters (check optim.trainable / optim.frozen)")
+    if cfg.freeze_backbone_steps > 0 and all(g["hold_steps"] > 0 for g in groups.values()):
+        raise ValueError(
+            "optim.freeze_backbone_steps > 0 but no parameter matches optim.head_prefixes "
+            f"{cfg.head_prefixes}: nothing would train during the freeze"
+        )
     return list(groups.values())
 
 
@@ -126,7 +147,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, num_layers: int) -> torc
     groups = param_groups(model, cfg, num_layers)
     for g in groups:
         g.pop("names")
-        g["lr"] = cfg.lr * g["lr_scale"]
+        g["lr"] = 0.0 if g["hold_steps"] > 0 else cfg.lr * g["lr_scale"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
