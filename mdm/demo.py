@@ -78,8 +78,10 @@ INITS = ("pretrained", "scratch")
 DATA_DIRS = {"captioning": "retrieval"}
 #: pretrained fine-tunings that run in the background process with ``--jobs 2`` (balanced by measured time)
 BACKGROUND_PRETRAINED = ("retrieval", "nlvr2")
-#: decoding of the captioning comparison after fine-tuning (fine-tuning itself evaluates greedily)
-CAPTION_BEAM = ["task.beam_size=3", "task.length_penalty=1.5", "task.no_repeat_ngram_size=0"]
+#: decoding of the captioning comparison after fine-tuning (fine-tuning itself evaluates greedily). Chosen
+#: on the seed-0 val split of the identifying captions (docs/demo.md): no length normalisation, and no
+#: repeated 6-gram, which no reference caption of the demo world contains (4-grams repeat in 11 % of them)
+CAPTION_BEAM = ["task.beam_size=3", "task.length_penalty=0.0", "task.no_repeat_ngram_size=6"]
 
 
 class DemoError(RuntimeError):
