@@ -7,7 +7,7 @@ per task and metric: the mean and spread of the pretrained and the scratch runs,
 spread, the smallest margin, and whether the margin holds on every seed (smallest margin > 0) and
 exceeds its spread. The spread is the sample standard deviation over seeds.
 
-With ``--ft-seeds`` a seed's value of VQAv2, NLVR2 and retrieval is the mean over its fine-tuning seeds
+With ``--ft-seeds`` a seed's value of each task is the mean over its fine-tuning seeds
 (``<out>/seed-<N>/finetune/ft_seeds.json``), so a margin is judged over pretraining seeds, each averaged
 over fine-tunings.
 """
@@ -184,7 +184,7 @@ def write_seeds_report(out: str | Path, per_seed: dict[int, Results], times: dic
         "fine-tuning) in `seed-<N>/`. Values are mean ± sample standard deviation over seeds; *holds* "
         "means the margin is positive on every seed and its mean exceeds its spread."
         + (
-            " A seed's VQAv2, NLVR2 and retrieval values are the means over its fine-tuning seeds (below)."
+            " A seed's values are the means over its fine-tuning seeds (below)."
             if _ft_seeds_note(out, seeds)
             else ""
         ),
